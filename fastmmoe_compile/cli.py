@@ -1,0 +1,127 @@
+"""fastmmoe-compile: the command line.
+
+    fastmmoe-compile MODEL --out ENGINE [config flags]   compile MODEL into an engine directory
+    fastmmoe-compile diff MODEL [config flags]            show what the passes change in the graph
+    fastmmoe-compile presets                              list the built-in models
+    fastmmoe-compile inspect ENGINE                       show an engine's manifest
+
+Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
+--merge-layers 5,8,12, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, FastMMoEConfig, config_fields
+
+SUBCOMMANDS = ("diff", "presets", "inspect")
+_LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FastMMoE configuration (defaults: spec section 3)")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _LIST_FIELDS:
+            group.add_argument(flag, type=str, default=None, help=f"comma-separated, e.g. 5,8,12 (default: {f.default})")
+        elif f.name == "vision_topk":
+            group.add_argument(flag, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
+        elif f.name in ("strategy", "merge_method"):
+            choices = ("hybrid", "routing", "attention") if f.name == "strategy" else ("mlerp", "mean")
+            group.add_argument(flag, choices=choices, default=None, help=f"(default: {f.default})")
+        else:
+            group.add_argument(flag, type=type(f.default), default=None, help=f"(default: {f.default})")
+
+
+def _config_from(args) -> FastMMoEConfig:
+    values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    return FastMMoEConfig(**values)
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastmmoe-compile",
+        description="Compile a Hugging Face MoE model with FastMMoE into an engine directory. "
+                    f"Other commands: {', '.join(SUBCOMMANDS)} (fastmmoe-compile COMMAND -h).",
+    )
+    p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
+    p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
+    p.add_argument("--backend", choices=("inductor", "export"), default="inductor",
+                   help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights dtype (default: the checkpoint's; float32 for random presets)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_config_flags(p)
+    return p
+
+
+def _diff_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastmmoe-compile diff",
+                                description="Print what the FastMMoE passes change in the exported graph, per layer.")
+    p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _add_config_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "presets":
+            return _presets()
+        if argv and argv[0] == "inspect":
+            p = argparse.ArgumentParser(prog="fastmmoe-compile inspect", description="Show an engine's manifest.")
+            p.add_argument("engine")
+            from .api import describe_engine
+
+            print(describe_engine(p.parse_args(argv[1:]).engine))
+            return 0
+        if argv and argv[0] == "diff":
+            args = _diff_parser().parse_args(argv[1:])
+            from .api import rewrite
+
+            _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype))
+            sys.stdout.write(record.graph_diff)
+            return 0
+        args = _compile_parser().parse_args(argv)
+        from .api import compile_model
+
+        compile_model(args.model, _config_from(args), args.out, backend=args.backend, dtype=_dtype(args.dtype),
+                      overwrite=args.overwrite, quiet=args.quiet)
+        return 0
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
+        print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an engine-format or model error: say it in one line
+        from .models import UnsupportedModelError
+        from .runtime import EngineFormatError
+
+        if isinstance(e, (EngineFormatError, UnsupportedModelError)):
+            print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _presets() -> int:
+    from .models.presets import PRESETS
+
+    rows = [(p.name, p.model_type, p.kind, p.description) for p in PRESETS.values()]
+    widths = [max(len(r[i]) for r in rows + [("name", "family", "kind", "")]) for i in range(3)]
+    print(f"{'name':<{widths[0]}}  {'family':<{widths[1]}}  {'kind':<{widths[2]}}  description")
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The knobs of FastMMoE (spec sections 1 and 2), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+STRATEGIES = ("hybrid", "routing", "attention")
+MERGE_METHODS = ("mlerp", "mean")
+
+
+class ConfigError(ValueError):
+    """A FastMMoEConfig value is out of range or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class FastMMoEConfig:
+    # Section 1: modality-conditioned expert activation (Top-K -> Top-Kv).
+    reduce_from_layer: int = 2
+    vision_expert_ratio: float = 0.5
+    vision_topk: int | None = None  # explicit Kv; overrides vision_expert_ratio
+    # Section 2: routing-aware token merging and pruning.
+    merge_layers: tuple[int, ...] = ()
+    keep_ratio: float = 1.0
+    stage_ratios: tuple[float, ...] | None = None
+    merge_ratio: float = 0.025
+    window: int = 3
+    alpha: float = 0.5
+    strategy: str = "hybrid"
+    merge_method: str = "mlerp"
+
+    def __post_init__(self) -> None:
+        # Accept lists / comma strings from Python users and the CLI alike.
+        object.__setattr__(self, "merge_layers", _int_tuple(self.merge_layers, "merge_layers"))
+        if self.stage_ratios is not None:
+            object.__setattr__(self, "stage_ratios", _float_tuple(self.stage_ratios, "stage_ratios"))
+        _check(self.reduce_from_layer >= 0, f"reduce_from_layer must be >= 0, got {self.reduce_from_layer}")
+        _check(0.0 < self.vision_expert_ratio <= 1.0,
+               f"vision_expert_ratio must be in (0, 1], got {self.vision_expert_ratio}")
+        if self.vision_topk is not None:
+            _check(self.vision_topk >= 1, f"vision_topk (Kv) must be >= 1, got {self.vision_topk}")
+        _check(list(self.merge_layers) == sorted(set(self.merge_layers)),
+               f"merge_layers must be strictly increasing, got {list(self.merge_layers)}")
+        _check(all(layer >= 0 for layer in self.merge_layers), "merge_layers must be >= 0")
+        _check(0.0 < self.keep_ratio <= 1.0, f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.stage_ratios is not None:
+            _check(len(self.stage_ratios) == len(self.merge_layers),
+                   f"stage_ratios has {len(self.stage_ratios)} entries for {len(self.merge_layers)} merge layers")
+            _check(all(0.0 < r <= 1.0 for r in self.stage_ratios), "every stage ratio must be in (0, 1]")
+        _check(0.0 <= self.merge_ratio <= 1.0, f"merge_ratio must be in [0, 1], got {self.merge_ratio}")
+        _check(self.window >= 2, f"window must be >= 2, got {self.window}")
+        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        _check(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check(self.merge_method in MERGE_METHODS,
+               f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
+
+    def kv(self, top_k: int) -> int:
+        """Kv for a router that picks `top_k` experts (spec: max(1, floor(K * rho)))."""
+        from .algorithm import vision_topk
+
+        return vision_topk(top_k, self.vision_expert_ratio, self.vision_topk)
+
+    def check_model(self, num_layers: int, top_k: int) -> None:
+        """Checks that need the model: layer indices in range, Kv <= K."""
+        _check(self.reduce_from_layer < num_layers,
+               f"reduce_from_layer={self.reduce_from_layer} is out of range: the model has {num_layers} "
+               f"decoder layers (0..{num_layers - 1})")
+        bad = [layer for layer in self.merge_layers if layer >= num_layers]
+        _check(not bad, f"merge_layers {bad} out of range: the model has {num_layers} decoder layers")
+        if self.vision_topk is not None:
+            _check(self.vision_topk <= top_k,
+                   f"vision_topk={self.vision_topk} exceeds the model's top-k ({top_k})")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["merge_layers"] = list(self.merge_layers)
+        d["stage_ratios"] = None if self.stage_ratios is None else list(self.stage_ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FastMMoEConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(d) - names
+        _check(not unknown, f"unknown FastMMoEConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The user-facing fields, in declaration order (the CLI makes one flag of each)."""
+    return [f for f in dataclasses.fields(FastMMoEConfig) if f.init]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _int_tuple(v, name) -> tuple[int, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    try:
+        return tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a list of integers, got {v!r}") from None
+
+
+def _float_tuple(v, name) -> tuple[float, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(" ", "").split(",") if x]
+    try:
+        return tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a list of numbers, got {v!r}") from None

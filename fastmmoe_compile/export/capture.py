@@ -1,0 +1,53 @@
+"""torch.export of the language backbone, with a dynamic batch, sequence and vision count.
+
+The exported signature is the one every backend runs:
+    (inputs_embeds [B, S, H], vision_positions [B, N] int64)
+        -> (logits [B, vocab] at the last position, kept_positions [B, S'] int64)
+Vision tokens come in as positions, not a mask, so every shape in the graph is a
+function of input shapes (B, S, N) and never of data (design.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from ..models.registry import LoadedModel
+from .dispatch import owned_dispatch
+
+INPUT_NAMES = ("inputs_embeds", "vision_positions")
+
+
+class Backbone(torch.nn.Module):
+    """The language model as the engine runs it: embeddings in, next-token logits out."""
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        self.lm = loaded.lm
+        self._decoder = loaded.family.decoder  # a function, not a submodule
+
+    def forward(self, inputs_embeds: torch.Tensor, vision_positions: torch.Tensor):
+        batch, seq = inputs_embeds.shape[:2]
+        hidden = self._decoder(self.lm)(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        logits = self.lm.lm_head(hidden[:, -1])
+        kept_positions = torch.arange(seq, device=inputs_embeds.device).expand(batch, seq)
+        return logits, kept_positions
+
+
+def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 24, vision: int = 12):
+    """Inputs used to trace (values never matter; shapes stay symbolic)."""
+    param = next(loaded.lm.parameters())
+    embeds = torch.zeros(batch, seq, loaded.config.hidden_size, dtype=param.dtype, device=param.device)
+    positions = torch.arange(2, 2 + vision, device=param.device).expand(batch, vision).contiguous()
+    return embeds, positions
+
+
+def export_backbone(loaded: LoadedModel, max_seq: int | None = None) -> ExportedProgram:
+    """Export the backbone with our dispatch in place of the experts' forward."""
+    lm = loaded.lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    max_seq = max_seq or int(getattr(loaded.config, "max_position_embeddings", 32768))
+    batch, seq, vision = Dim("B", min=1, max=4096), Dim("S", min=2, max=max_seq), Dim("N", min=0, max=max_seq)
+    dynamic = {"inputs_embeds": {0: batch, 1: seq}, "vision_positions": {0: batch, 1: vision}}
+    with owned_dispatch(loaded.family.experts_modules(lm)), torch.no_grad():
+        return torch.export.export(Backbone(loaded), example_inputs(loaded), dynamic_shapes=dynamic, strict=False)

@@ -1,0 +1,30 @@
+"""Lowering with Inductor: torch.compile in process, or an AOTInductor package on disk."""
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+
+from .. import ops
+
+
+def decompose(program: ExportedProgram) -> ExportedProgram:
+    """Turn the routing ops into aten so Inductor can fuse them (grouped_mm stays an op)."""
+    return program.run_decompositions(dict(ops.DECOMPOSITIONS))
+
+
+def compile_in_process(program: ExportedProgram):
+    """A callable backbone compiled by torch.compile (dynamic shapes)."""
+    return torch.compile(decompose(program).module(), dynamic=True)
+
+
+def package_aoti(program: ExportedProgram, path: str) -> str:
+    """Compile ahead of time into a .pt2 package; returns its path."""
+    import torch._inductor
+
+    return torch._inductor.aoti_compile_and_package(decompose(program), package_path=path)
+
+
+def load_aoti(path: str):
+    import torch._inductor
+
+    return torch._inductor.aoti_load_package(path)

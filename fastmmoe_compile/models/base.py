@@ -1,0 +1,54 @@
+"""What the compiler needs to know about a model family, in one object per family.
+
+Every fact about a family (where its MoE blocks are, how it routes, what a tiny
+test model of it looks like) lives in its adapter file; the passes are family-blind.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Decoder-layer index in a module path, e.g. "lm.model.layers.7.mlp.gate".
+LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    model_type: str  # transformers' config.model_type
+    routing: str  # how the router scores and picks, in words (shown by `diff` and `presets`)
+    tiny_config: Callable[[], object]  # a small random config of this family, for tests and presets
+    experts_attr: str = "num_experts"  # the config attribute that holds E
+    shared_experts: str = "none"  # shared-expert structure, in words
+
+    # --- facts read off a config -------------------------------------------------
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.experts_attr))
+
+    def top_k(self, config) -> int:
+        return int(config.num_experts_per_tok)
+
+    def num_layers(self, config) -> int:
+        return int(config.num_hidden_layers)
+
+    # --- where things are in a *ForCausalLM module ------------------------------
+    def decoder(self, lm: torch.nn.Module) -> torch.nn.Module:
+        return lm.model
+
+    def moe_blocks(self, lm: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+        """(layer index, MoE block) for every routed-MoE layer; dense layers are skipped."""
+        return [
+            (i, layer.mlp)
+            for i, layer in enumerate(self.decoder(lm).layers)
+            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+        ]
+
+    def experts_modules(self, lm: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block.experts for _, block in self.moe_blocks(lm)]
+
+
+def layer_of(module_path: str) -> int | None:
+    m = LAYER_PATTERN.search(module_path)
+    return int(m.group(1)) if m else None

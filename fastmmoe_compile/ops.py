@@ -1,0 +1,78 @@
+"""Registered custom ops of the rewritten graphs, with fake (meta) implementations.
+
+- fastmmoe::route_pairs / route_pairs_topkv: a router's top-K output as a compact
+  list of (token, expert, weight) pairs. The passes rewrite one into the other; at
+  lowering they decompose into plain aten (DECOMPOSITIONS) so Inductor fuses them.
+- fastmmoe::grouped_mm: a grouped GEMM over expert segments. torch._grouped_mm's
+  meta function accepts only bf16, so export of fp32 graphs needs this opaque op;
+  its kernel is torch._grouped_mm wherever that kernel runs (CPU fp32/bf16, CUDA bf16).
+  AOTInductor calls it through its proxy executor: import this module before loading.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import algorithm
+
+
+@torch.library.custom_op("fastmmoe::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [P, in] rows sorted by group, w [G, in, out], offs [G] cumulative row ends -> [P, out]."""
+    if _native_grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_zeros(x.shape[0], w.shape[-1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
+
+
+@grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == torch.bfloat16 and x.device.type == "cuda"
+
+
+@torch.library.custom_op("fastmmoe::route_pairs", mutates_args=())
+def route_pairs(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All K pairs of every token (the unmodified router)."""
+    return tuple(t.clone() for t in algorithm.all_pairs(weights, ids))
+
+
+@route_pairs.register_fake
+def _(weights, ids):
+    n = weights.shape[0] * weights.shape[1]
+    return ids.new_empty(n), ids.new_empty(n), weights.new_empty(n)
+
+
+@torch.library.custom_op("fastmmoe::route_pairs_topkv", mutates_args=())
+def route_pairs_topkv(
+    weights: torch.Tensor, ids: torch.Tensor, vision_positions: torch.Tensor, kv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K pairs per text token, the kv highest-weight ones per vision token (spec section 1)."""
+    return tuple(t.clone() for t in algorithm.modality_pairs(weights, ids, vision_positions, kv))
+
+
+@route_pairs_topkv.register_fake
+def _(weights, ids, vision_positions, kv):
+    n = algorithm.num_modality_pairs(weights.shape[0], vision_positions.numel(), weights.shape[1], kv)
+    return ids.new_empty(n), ids.new_empty(n), weights.new_empty(n)
+
+
+# Used by lower/ to turn the routing ops into aten before Inductor sees them.
+DECOMPOSITIONS = {
+    torch.ops.fastmmoe.route_pairs.default: algorithm.all_pairs,
+    torch.ops.fastmmoe.route_pairs_topkv.default: algorithm.modality_pairs,
+}
+
+# Ops the pair-counting instrumentation and FLOPs counter treat as expert GEMMs.
+EXPERT_GEMM = torch.ops.fastmmoe.grouped_mm.default

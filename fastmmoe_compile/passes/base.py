@@ -1,0 +1,60 @@
+"""Pass infrastructure: a pass takes an ExportedProgram, edits its graph in place,
+and returns a PassResult saying whether it changed anything and what."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.export import ExportedProgram
+
+
+@dataclass
+class PassResult:
+    program: ExportedProgram
+    modified: bool
+    changes: list[dict] = field(default_factory=list)  # one entry per rewritten site
+
+
+class GraphPass:
+    name = "pass"
+
+    def __call__(self, program: ExportedProgram) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """FQN of the innermost module that produced `node` ("" for graph-level nodes)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def user_input(program: ExportedProgram, name: str) -> torch.fx.Node:
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == name:
+            return node
+    raise KeyError(f"the exported program has no input named {name!r}")
+
+
+def fake_call(op, *args, **kwargs):
+    """Run `op` on the fake values of node args: the meta['val'] of a new node."""
+    def val(a):
+        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+
+    return op(*[val(a) for a in args], **{k: val(v) for k, v in kwargs.items()})
+
+
+def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, op, args, like: torch.fx.Node) -> torch.fx.Node:
+    """Insert op(*args) before `before`, with meta (fake value, module stack) taken from `like`."""
+    with graph.inserting_before(before):
+        node = graph.call_function(op, tuple(args))
+    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    node.meta["val"] = fake_call(op, *args)
+    return node
+
+
+def finish(program: ExportedProgram) -> None:
+    # No global dead-code elimination: it would also drop nodes the export left
+    # dead, and the graph diff must show only what the passes did.
+    gm = program.graph_module
+    gm.graph.lint()
+    gm.recompile()

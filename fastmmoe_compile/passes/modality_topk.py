@@ -1,0 +1,46 @@
+"""modality_topk (spec section 1): vision tokens keep their Kv highest-weight experts.
+
+In every MoE layer >= reduce_from_layer, the router's pair list
+    route_pairs(weights, ids)                         -> T*K pairs
+becomes
+    route_pairs_topkv(weights, ids, vision_positions, kv) -> (T - B*N)*K + B*N*kv pairs
+and the dispatch downstream, whose cost follows its pair count, never sees the
+dropped pairs. Kept weights are rescaled per the spec (algorithm.keep_top_experts).
+"""
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+
+from .base import GraphPass, PassResult, finish, insert_call, user_input
+from .routers import find_routers
+
+
+class ModalityTopK(GraphPass):
+    name = "modality_topk"
+
+    def __init__(self, reduce_from_layer: int, kv_for, vision_input: str = "vision_positions"):
+        self.reduce_from_layer = reduce_from_layer
+        self.kv_for = kv_for  # top_k -> Kv (FastMMoEConfig.kv)
+        self.vision_input = vision_input
+
+    def __call__(self, program: ExportedProgram) -> PassResult:
+        graph = program.graph
+        vision = user_input(program, self.vision_input)
+        changes = []
+        for site in find_routers(graph):
+            if site.layer < self.reduce_from_layer or site.route.target != torch.ops.fastmmoe.route_pairs.default:
+                continue
+            kv = self.kv_for(site.top_k)
+            if kv >= site.top_k:  # Kv == K is the unmodified model: leave the graph alone
+                continue
+            new = insert_call(
+                graph, site.route, torch.ops.fastmmoe.route_pairs_topkv.default,
+                (site.weights, site.ids, vision, kv), like=site.route,
+            )
+            site.route.replace_all_uses_with(new)
+            graph.erase_node(site.route)
+            changes.append({"layer": site.layer, "router": site.router_path, "top_k": site.top_k, "kv": kv})
+        if changes:
+            finish(program)
+        return PassResult(program, bool(changes), changes)

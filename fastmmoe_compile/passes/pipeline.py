@@ -1,0 +1,34 @@
+"""The pass pipeline a FastMMoEConfig asks for, in order, with its record and graph diff."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.export import ExportedProgram
+
+from ..config import FastMMoEConfig
+from .base import GraphPass
+from .diff import diff, summarize
+from .modality_topk import ModalityTopK
+
+
+@dataclass
+class PassRecord:
+    passes: list[dict]  # [{"pass": name, "modified": bool, "changes": [...]}]
+    graph_diff: str
+
+    def to_dict(self) -> dict:
+        return {"passes": self.passes, "graph_diff": self.graph_diff}
+
+
+def build_passes(config: FastMMoEConfig) -> list[GraphPass]:
+    return [ModalityTopK(config.reduce_from_layer, config.kv)]
+
+
+def apply_passes(program: ExportedProgram, config: FastMMoEConfig) -> tuple[ExportedProgram, PassRecord]:
+    before = summarize(program)
+    records = []
+    for p in build_passes(config):
+        result = p(program)
+        program = result.program
+        records.append({"pass": p.name, "modified": result.modified, "changes": result.changes})
+    return program, PassRecord(records, diff(before, summarize(program)))
