@@ -104,9 +104,9 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
     manifest = read_manifest(path, verify_hashes=verify_hashes)
     backend = manifest.get("backend")
     if backend == "inductor":
-        import torch._inductor
+        from torch._inductor import aoti_load_package
 
-        backbone = torch._inductor.aoti_load_package(str(path / BACKBONE_FILE))
+        backbone = aoti_load_package(str(path / BACKBONE_FILE))
     elif backend == "export":
         backbone = torch.export.load(str(path / BACKBONE_FILE)).module()
     else:

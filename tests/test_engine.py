@@ -1,0 +1,155 @@
+"""Engine dirs: a local checkpoint through the CLI to an AOTInductor engine and back;
+manifests that catch corrupt or foreign dirs; nothing half-written after a failure."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastmmoe_compile import EngineFormatError, FastMMoEConfig, compile_model, load_engine
+from fastmmoe_compile.api import rewrite
+from fastmmoe_compile.cli import main
+
+from .conftest import hf_last_logits, tiny_model
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny qwen3_moe checkpoint written by save_pretrained, as a user's local dir would be."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-moe"
+    tiny_model("tiny-qwen3-moe").lm.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def aoti_engine(checkpoint, tmp_path_factory):
+    """One AOTInductor build for the session (about 20 s on 2 cores), made through the CLI."""
+    out = tmp_path_factory.mktemp("engines") / "engine"
+    rc = main([str(checkpoint), "--out", str(out), "--vision-expert-ratio", "0.5", "--reduce-from-layer", "2",
+               "--quiet"])
+    assert rc == 0
+    return out
+
+
+def _inputs(seq=48, batch=2):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 256, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.bool)
+    mask[:, 4:36] = True
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
+    engine = load_engine(aoti_engine)
+    manifest = engine.manifest
+    assert manifest["backend"] == "inductor"
+    assert manifest["model"]["source"] == str(checkpoint) and manifest["model"]["model_type"] == "qwen3_moe"
+    assert manifest["config"]["vision_expert_ratio"] == 0.5
+    assert [c["layer"] for c in manifest["passes"][0]["changes"]] == [2, 3]
+    ids, mask = _inputs()
+    result = engine.prefill(ids, vision_mask=mask)
+    assert result.logits.shape == (2, 256)
+    assert torch.equal(result.kept_positions, torch.arange(48).expand(2, 48))
+    # The compiled engine computes what the rewritten exported program computes.
+    loaded, program, _ = rewrite(str(checkpoint), FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=2))
+    positions = mask.nonzero()[:, 1].reshape(2, -1)
+    with torch.no_grad():
+        expected = program.module()(engine.embed(ids), positions)[0]
+    torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
+    # A dynamic sequence length and batch, and a prompt with no image: the original model.
+    ids1 = ids[:1, :29]
+    no_image = engine.prefill(ids1)
+    torch.testing.assert_close(no_image.logits, hf_last_logits(loaded, engine.embed(ids1)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_engine_rejects_bad_inputs(aoti_engine):
+    engine = load_engine(aoti_engine)
+    ids, mask = _inputs()
+    with pytest.raises(ValueError, match="exactly one"):
+        engine.prefill()
+    with pytest.raises(ValueError, match="same number of vision tokens"):
+        bad = mask.clone()
+        bad[0, 40] = True
+        engine.prefill(ids, vision_mask=bad)
+    with pytest.raises(ValueError, match=r"\[0, 48\)"):
+        engine.prefill(ids, vision_positions=torch.tensor([[3, 60], [3, 4]]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        engine.prefill(ids, vision_positions=torch.tensor([[5, 4], [3, 4]]))
+    with pytest.raises(ValueError, match="input_ids must be in"):
+        engine.prefill(ids + 1000)
+    # The engine stays usable after a rejected call.
+    assert engine.prefill(ids, vision_mask=mask).logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
+    with pytest.raises(EngineFormatError, match="no manifest.json"):
+        load_engine(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(aoti_engine, copy)
+    (copy / "embeddings.safetensors").write_bytes(b"x" * (copy / "embeddings.safetensors").stat().st_size)
+    with pytest.raises(EngineFormatError, match="sha256"):
+        load_engine(copy)
+    (copy / "backbone.pt2").unlink()
+    with pytest.raises(EngineFormatError, match="missing"):
+        load_engine(copy)
+    manifest = json.loads((aoti_engine / "manifest.json").read_text())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({**manifest, "format": "something-else"}))
+    with pytest.raises(EngineFormatError, match="not a fastmmoe-engine manifest"):
+        load_engine(foreign)
+    (foreign / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(EngineFormatError, match="version 99"):
+        load_engine(foreign)
+    (foreign / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineFormatError, match="corrupt"):
+        load_engine(foreign)
+
+
+def test_failed_compile_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    import fastmmoe_compile.api as api
+
+    def broken(program, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("lowering failed")
+
+    monkeypatch.setattr(api, "package_aoti", broken)
+    with pytest.raises(RuntimeError, match="lowering failed"):
+        compile_model(tiny_model("tiny-olmoe"), out=tmp_path / "engine", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_dir_needs_overwrite(tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        compile_model(tiny_model("tiny-olmoe"), out=out, quiet=True)
+
+
+def test_export_backend_roundtrip_and_overwrite(tmp_path):
+    """The `export` backend (no Inductor) saves and reloads the rewritten program; --overwrite replaces."""
+    out = tmp_path / "engine"
+    loaded = tiny_model("tiny-mixtral")
+    config = FastMMoEConfig(reduce_from_layer=1, vision_topk=1)
+    first = compile_model(loaded, config, out, backend="export", quiet=True)
+    (out / "stale-file").write_text("x")
+    compile_model(loaded, config, out, backend="export", overwrite=True, quiet=True)
+    assert not (out / "stale-file").exists()
+    ids, mask = _inputs(seq=20, batch=1)
+    mask[:, 16:] = False
+    torch.testing.assert_close(load_engine(out).prefill(ids, vision_mask=mask).logits,
+                               first.prefill(ids, vision_mask=mask).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_in_process_torch_compile_matches_exported_program():
+    loaded = tiny_model("tiny-deepseek-v3")
+    config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5)
+    compiled = compile_model(loaded, config, quiet=True)  # no out: torch.compile in this process
+    exported = compile_model(loaded, config, backend="export", quiet=True)
+    ids, mask = _inputs(seq=33, batch=2)
+    torch.testing.assert_close(compiled.prefill(ids, vision_mask=mask).logits,
+                               exported.prefill(ids, vision_mask=mask).logits, atol=1e-4, rtol=0)
