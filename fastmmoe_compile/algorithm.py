@@ -91,3 +91,163 @@ def modality_pairs(weights: torch.Tensor, ids: torch.Tensor, vision_positions: t
 def num_modality_pairs(num_tokens, num_vision, top_k: int, kv: int):
     """Pair count of modality_pairs: (T - V)*K + V*kv (ints or SymInts)."""
     return (num_tokens - num_vision) * top_k + num_vision * kv
+
+
+# --- Section 2: routing-aware token merging and pruning -------------------------------
+
+# Stage ratios are applied in integer arithmetic, T = max(1, (N * P) // Q) with
+# P = round(r * Q), so that the token count of every stage is an exact function of
+# N that the exported graph can carry symbolically (floats never enter a shape).
+RATIO_SCALE = 1_000_000
+NORM_EPS = 1e-10
+
+
+def ratio_units(ratio: float) -> int:
+    return int(round(ratio * RATIO_SCALE))
+
+
+MAX_VISION_TOKENS = 1 << 20  # bound under which vision_after_stage is exact
+
+
+def stage_target(num_vision: int, ratio_q: int) -> int:
+    """T = max(1, floor(N * r)) (spec 2.1), for concrete N."""
+    return max(1, (num_vision * ratio_q) // RATIO_SCALE)
+
+
+def vision_after_stage(num_vision, ratio_q: int):
+    """min(N, T): the vision tokens left by a stage, in floor divisions only.
+
+    Inductor cannot generate code for Min/Max size expressions, so the graph's sizes
+    use this form, exact for 0 <= N <= MAX_VISION_TOKENS (ints and SymInts alike):
+      A = floor(N*P/Q) is T whenever floor(N r) >= 1, and A <= N - 1 for N >= 1, r < 1;
+      the spec's max(1, .) adds 1 exactly when 1 <= N <= N0, N0 = floor((Q-1)/P);
+      [N >= k] = (N + NMAX) // (NMAX + k) for 0 <= N <= NMAX and 1 <= k.
+    r = 1 (P = Q) gives N0 = 0, so the result is N: the stage keeps everything."""
+    a = (num_vision * ratio_q) // RATIO_SCALE
+    n0 = (RATIO_SCALE - 1) // ratio_q
+    big = MAX_VISION_TOKENS
+    return a + (num_vision + big) // (big + 1) - (num_vision + big) // (big + n0 + 1)
+
+
+def merged_window_count(num_vision: int, target: int, merge_ratio_q: int, window: int) -> int:
+    """M = min(floor(T * merge_ratio), G - 1), never more than leaves T tokens to keep.
+
+    The last bound (N - M*(W-1) >= T) only bites at extreme merge ratios; the spec's
+    formula alone could then ask to keep more tokens than remain.
+    """
+    windows = -(-num_vision // window)
+    m = min((target * merge_ratio_q) // RATIO_SCALE, windows - 1)
+    return max(0, min(m, (num_vision - target) // (window - 1)))
+
+
+def window_scores(probs: torch.Tensor, attn: torch.Tensor, window: int, alpha: float, strategy: str):
+    """Score c_g of each window of W consecutive vision tokens (spec 2.4-2.6).
+
+    probs [N, E] routing distributions, attn [N] last-token attention. Windows with
+    fewer than two tokens get -inf: they are never merged."""
+    n, e = probs.shape
+    g = -(-n // window)
+    pad = g * window - n
+    valid = torch.ones(n, dtype=probs.dtype, device=probs.device)
+    p = torch.nn.functional.pad(probs, (0, 0, 0, pad)).reshape(g, window, e)
+    a = torch.nn.functional.pad(attn, (0, pad)).reshape(g, window)
+    m = torch.nn.functional.pad(valid, (0, pad)).reshape(g, window)
+    count = m.sum(dim=1)
+    centre = (p * m[..., None]).sum(dim=1) / count[:, None]
+    cos = torch.nn.functional.cosine_similarity(p, centre[:, None, :].expand_as(p), dim=-1, eps=1e-12)
+    redundancy = (cos * m).sum(dim=1) / count
+    attention = (a * m).sum(dim=1) / count
+    attention = attention / attention.max().clamp_min(1e-30)
+    if strategy == "hybrid":
+        score = alpha * redundancy - (1 - alpha) * attention
+    elif strategy == "routing":
+        score = redundancy
+    elif strategy == "attention":
+        score = -attention
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return score.masked_fill(count < 2, float("-inf"))
+
+
+def merge_vectors(x: torch.Tensor, method: str) -> torch.Tensor:
+    """One token from a window's hidden states x [W, H]: MLERP or the plain mean."""
+    mean = x.mean(dim=0)
+    if method == "mean":
+        return mean
+    if method != "mlerp":
+        raise ValueError(f"unknown merge method {method!r}")
+    return mean / mean.norm().clamp_min(NORM_EPS) * x.norm(dim=-1).max()
+
+
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, ties to the earlier index, in ascending order."""
+    order = torch.sort(score, descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, window: int, alpha: float,
+                strategy: str, method: str):
+    """One sample, one stage (spec 2.1-2.9).
+
+    hidden [S, H] residual stream; probs [S, E] routing distributions; attn [S]
+    last-token attention; vision [N] current vision positions (increasing).
+    Returns keep [S'] (positions in the current sequence, a merged token at its
+    window's first token), new hidden [S', H], and new vision positions [T'] in the
+    reduced sequence."""
+    seq = hidden.shape[0]
+    n = vision.shape[0]
+    if n > MAX_VISION_TOKENS:
+        raise ValueError(f"more than {MAX_VISION_TOKENS} vision tokens in one sample")
+    target, new_n = stage_target(n, ratio_q), vision_after_stage(n, ratio_q)
+    if n <= target:
+        return torch.arange(seq, device=hidden.device), hidden, vision
+    p, a = probs[vision], attn[vision]
+    m = merged_window_count(n, target, merge_ratio_q, window)
+    merged_windows = top_indices(window_scores(p, a, window, alpha, strategy), m) if m else vision[:0]
+    in_merged = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    for g in merged_windows.tolist():
+        in_merged[g * window:(g + 1) * window] = True
+    importance = p.norm(dim=-1) if strategy == "routing" else a
+    rest = (~in_merged).nonzero().flatten()
+    kept_rest = rest[top_indices(importance[rest], target - m)]
+    firsts = merged_windows * window
+    survivors = torch.cat([kept_rest, firsts]).sort().values  # indices into vision, in order
+    is_text = torch.ones(seq, dtype=torch.bool, device=hidden.device)
+    is_text[vision] = False
+    keep = torch.cat([is_text.nonzero().flatten(), vision[survivors]]).sort().values
+    new_hidden = hidden[keep]
+    slot = torch.searchsorted(keep, vision[firsts])
+    for s, g in zip(slot.tolist(), merged_windows.tolist()):
+        new_hidden[s] = merge_vectors(hidden[vision[g * window:(g + 1) * window]], method)
+    new_vision = torch.searchsorted(keep, vision[survivors])
+    assert new_vision.shape[0] == new_n
+    return keep, new_hidden, new_vision
+
+
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None):
+    """Attention probabilities of the last query over all keys, averaged over heads.
+
+    q [B, Hq, S, D], k [B, Hkv, S, D] (grouped-query heads repeat), mask broadcastable
+    to [B, Hq, S, S] (bool: True = attend; float: additive) or None -> [B, S]."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q[:, :, -1:, :], k.transpose(-1, -2)).float() * scale  # [B, H, 1, S]
+    if mask is not None:
+        last = mask[..., -1:, :]
+        scores = scores.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else scores + last.float()
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0, :]
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """x gathered along each of `dims` (sequence axes) by keep [B, S']; a size-1 batch broadcasts."""
+    batch = keep.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    for d in dims:
+        shape = [batch] + [1] * (x.dim() - 1)
+        shape[d] = keep.shape[1]
+        index = keep.reshape(shape).expand(*[keep.shape[1] if i == d else s for i, s in enumerate(x.shape)])
+        x = torch.gather(x, d, index)
+    return x

@@ -84,6 +84,42 @@ class FastMMoEConfig:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class FastVConfig:
+    """The FastV baseline (spec section 5): at `prune_layer`, keep the `keep_ratio` share of
+    vision tokens with the highest last-token attention; original positions kept."""
+
+    prune_layer: int = 2
+    keep_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.prune_layer >= 0, f"prune_layer must be >= 0, got {self.prune_layer}")
+        _check(0.0 < self.keep_ratio <= 1.0, f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+
+    def check_model(self, num_layers: int, top_k: int) -> None:
+        _check(self.prune_layer < num_layers,
+               f"prune_layer={self.prune_layer} is out of range: the model has {num_layers} decoder layers")
+
+    def to_dict(self) -> dict:
+        return {"method": "fastv", "prune_layer": self.prune_layer, "keep_ratio": self.keep_ratio}
+
+
+# The authors' settings (spec section 3), at 75 / 50 / 25 % overall vision-token retention.
+CONFIG_PRESETS = {
+    "internvl3.5-30b-a3b": dict(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(5, 8, 12),
+                                merge_ratio=0.025, window=3, alpha=0.5, strategy="hybrid", merge_method="mlerp"),
+    "deepseek-vl2-small": dict(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(2, 5, 8),
+                               merge_ratio=0.05, window=3, alpha=0.3, strategy="hybrid", merge_method="mlerp"),
+}
+
+
+def config_preset(name: str, keep_ratio: float = 0.75, **overrides) -> FastMMoEConfig:
+    """The authors' configuration for a model, e.g. config_preset("internvl3.5-30b-a3b", keep_ratio=0.5)."""
+    if name not in CONFIG_PRESETS:
+        raise ConfigError(f"unknown config preset {name!r}; known: {', '.join(CONFIG_PRESETS)}")
+    return FastMMoEConfig(**{**CONFIG_PRESETS[name], "keep_ratio": keep_ratio, **overrides})
+
+
 def config_fields() -> list[dataclasses.Field]:
     """The user-facing fields, in declaration order (the CLI makes one flag of each)."""
     return [f for f in dataclasses.fields(FastMMoEConfig) if f.init]

@@ -68,10 +68,61 @@ def _(weights, ids, vision_positions, kv):
     return ids.new_empty(n), ids.new_empty(n), weights.new_empty(n)
 
 
-# Used by lower/ to turn the routing ops into aten before Inductor sees them.
+@torch.library.custom_op("fastmmoe::last_token_attention", mutates_args=())
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+                         ) -> torch.Tensor:
+    """[B, S]: the last query's attention over all keys, averaged over heads (the layer's own q, k)."""
+    return algorithm.last_token_attention(q, k, mask, scale)
+
+
+@last_token_attention.register_fake
+def _(q, k, mask, scale):
+    return q.new_empty(q.shape[0], k.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmmoe::merge_tokens", mutates_args=())
+def merge_tokens(hidden: torch.Tensor, probs: torch.Tensor | None, attn: torch.Tensor, vision_positions: torch.Tensor,
+                 ratio_q: int, merge_ratio_q: int, window: int, alpha: float, strategy: str, method: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One merge/prune stage for every sample: (keep [B, S'], hidden [B, S', H], vision [B, N'])."""
+    batch, seq, _ = hidden.shape
+    probs = attn[..., None] if probs is None else probs.reshape(batch, seq, -1)  # FastV: attention only
+    outs = [algorithm.merge_stage(hidden[b], probs[b], attn[b], vision_positions[b], ratio_q, merge_ratio_q,
+                                  window, alpha, strategy, method) for b in range(batch)]
+    return tuple(torch.stack(t).contiguous() for t in zip(*outs))
+
+
+@merge_tokens.register_fake
+def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alpha, strategy, method):
+    batch, seq, width = hidden.shape
+    n = vision_positions.shape[1]
+    new_n = algorithm.vision_after_stage(n, ratio_q)
+    new_seq = seq - n + new_n
+    return (vision_positions.new_empty(batch, new_seq), hidden.new_empty(batch, new_seq, width),
+            vision_positions.new_empty(batch, new_n))
+
+
+@torch.library.custom_op("fastmmoe::gather_tokens", mutates_args=())
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """x gathered along its sequence axes `dims` by keep [B, S'] (positions, masks, ...)."""
+    return algorithm.gather_tokens(x, keep, dims).clone()
+
+
+@gather_tokens.register_fake
+def _(x, keep, dims):
+    shape = [keep.shape[0], *x.shape[1:]]
+    for d in dims:
+        shape[d] = keep.shape[1]
+    return x.new_empty(shape)
+
+
+# Used by lower/ to turn the small ops into aten before Inductor sees them. merge_tokens
+# stays an op: its selection is per-sample and data-dependent inside (not in its shapes).
 DECOMPOSITIONS = {
     torch.ops.fastmmoe.route_pairs.default: algorithm.all_pairs,
     torch.ops.fastmmoe.route_pairs_topkv.default: algorithm.modality_pairs,
+    torch.ops.fastmmoe.last_token_attention.default: algorithm.last_token_attention,
+    torch.ops.fastmmoe.gather_tokens.default: algorithm.gather_tokens,
 }
 
 # Ops the pair-counting instrumentation and FLOPs counter treat as expert GEMMs.

@@ -8,6 +8,7 @@ spec's rules case by case, from each family's own routing facts.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -45,9 +46,10 @@ def reduce_row(w: torch.Tensor, kv: int, normalise: bool, scale: float) -> torch
 
 
 @contextlib.contextmanager
-def eager_topkv(lm, vision_mask: torch.Tensor, reduce_from_layer: int, kv: int):
-    """Run `lm` with spec-section-1 routing for the tokens in vision_mask [B, S]."""
-    flat_vision = vision_mask.reshape(-1)
+def eager_topkv(lm, vision_mask, reduce_from_layer: int, kv: int):
+    """Run `lm` with spec-section-1 routing for the tokens in vision_mask [B, S]
+    (or a callable returning the current mask, for sequences that shrink)."""
+    current_mask = vision_mask if callable(vision_mask) else (lambda: vision_mask)
     normalise, scale = normalises(lm.config), scaling(lm.config)
     originals = []
     previous_impl = lm.config._experts_implementation
@@ -62,6 +64,7 @@ def eager_topkv(lm, vision_mask: torch.Tensor, reduce_from_layer: int, kv: int):
             def patched(hidden_states, _original=original):
                 logits, weights, ids = _original(hidden_states)
                 weights = weights.clone()
+                flat_vision = torch.as_tensor(current_mask()).reshape(-1)
                 for row in torch.nonzero(flat_vision).flatten().tolist():
                     weights[row] = reduce_row(weights[row], kv, normalise, scale)
                 return logits, weights, ids
@@ -73,3 +76,98 @@ def eager_topkv(lm, vision_mask: torch.Tensor, reduce_from_layer: int, kv: int):
         for gate in originals:
             del gate.forward
         lm.set_experts_implementation(previous_impl)
+
+
+# --- Spec section 2, from its text ----------------------------------------------------
+
+def router_probabilities(lm, layer, normed: torch.Tensor) -> torch.Tensor:
+    """The layer's routing distribution over all E experts: its own scoring function."""
+    logits = layer.mlp.gate(normed.reshape(-1, normed.shape[-1]))[0].float()
+    return logits.sigmoid() if lm.config.model_type in ("deepseek_v3", "glm4_moe") else logits.softmax(dim=-1)
+
+
+def reference_stage(h, p, a, vision: list[bool], ratio, merge_ratio, window, alpha, strategy, method):
+    """One stage on one sample, in plain Python over token indices.
+    h [S, H], p [S, E], a [S]. Returns (kept indices, new h, new vision flags)."""
+    vis = [i for i, v in enumerate(vision) if v]
+    n = len(vis)
+    target = max(1, math.floor(n * ratio))
+    if n <= target:
+        return list(range(len(vision))), h, vision
+    windows = [vis[g * window:(g + 1) * window] for g in range(math.ceil(n / window))]
+
+    def cos(x, y):
+        return float(torch.dot(x, y) / (x.norm() * y.norm()))
+
+    s, att = [], []
+    for w in windows:
+        centre = torch.stack([p[i] for i in w]).mean(dim=0)
+        s.append(sum(cos(p[i], centre) for i in w) / len(w))
+        att.append(sum(float(a[i]) for i in w) / len(w))
+    top = max(att)
+    att = [x / top for x in att]
+    if strategy == "hybrid":
+        c = [alpha * s[g] - (1 - alpha) * att[g] for g in range(len(windows))]
+    elif strategy == "routing":
+        c = s
+    else:
+        c = [-x for x in att]
+    m = min(math.floor(target * merge_ratio), len(windows) - 1)
+    eligible = [g for g in sorted(range(len(windows)), key=lambda g: (-c[g], g)) if len(windows[g]) >= 2]
+    merged = sorted(eligible[:m])
+    in_merged = {i for g in merged for i in windows[g]}
+    rest = [i for i in vis if i not in in_merged]
+    importance = {i: (float(p[i].norm()) if strategy == "routing" else float(a[i])) for i in rest}
+    kept_rest = sorted(rest, key=lambda i: (-importance[i], i))[: target - m]
+    firsts = {windows[g][0]: windows[g] for g in merged}
+    keep = sorted([i for i, v in enumerate(vision) if not v] + kept_rest + list(firsts))
+    rows = []
+    for i in keep:
+        if i in firsts:
+            x = torch.stack([h[j] for j in firsts[i]])
+            mean = x.mean(dim=0)
+            if method == "mlerp":
+                mean = mean / max(float(mean.norm()), 1e-10) * max(float(r.norm()) for r in x)
+            rows.append(mean)
+        else:
+            rows.append(h[i])
+    return keep, torch.stack(rows), [vision[i] for i in keep]
+
+
+def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
+    """The whole prefill per spec sections 1-2, one sample at a time, eager attention.
+
+    stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
+    Returns (last-token logits [B, V], kept original positions per sample)."""
+    model = lm.model
+    previous_attn = lm.config._attn_implementation
+    lm.config._attn_implementation = "eager"  # attention weights straight from the model
+    all_logits, all_kept = [], []
+    try:
+        for b in range(embeds.shape[0]):
+            h = embeds[b:b + 1]
+            positions = list(range(h.shape[1]))
+            vision = vision_mask[b].tolist()
+            with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(vision), reduce_from_layer, kv):
+                for index, layer in enumerate(model.layers):
+                    pos = torch.tensor(positions)[None]
+                    rope = model.rotary_emb(h, position_ids=pos)  # rotary of the kept original positions
+                    seq = h.shape[1]
+                    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+                    if index not in stages:
+                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
+                        continue
+                    attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
+                                                        position_embeddings=rope, attention_mask=causal)
+                    h = h + attn_out
+                    a = weights[0, :, -1, :].float().mean(dim=0)
+                    p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
+                    keep, h0, vision = reference_stage(h[0], p, a, vision, *stages[index])
+                    positions = [positions[i] for i in keep]
+                    h = h0[None]
+                    h = h + layer.mlp(layer.post_attention_layernorm(h))
+                all_logits.append(lm.lm_head(model.norm(h))[:, -1])
+                all_kept.append(positions)
+    finally:
+        lm.config._attn_implementation = previous_attn
+    return torch.cat(all_logits), all_kept

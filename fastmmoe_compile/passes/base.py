@@ -53,8 +53,20 @@ def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, op, args, like: to
 
 
 def finish(program: ExportedProgram) -> None:
+    """Check and recompile the graph, then refresh every node's fake value: shapes
+    downstream of a rewrite (pair counts, reduced sequences) must be the new ones."""
     # No global dead-code elimination: it would also drop nodes the export left
     # dead, and the graph diff must show only what the passes did.
     gm = program.graph_module
     gm.graph.lint()
     gm.recompile()
+    refresh_fake_values(gm)
+
+
+def refresh_fake_values(gm: torch.fx.GraphModule) -> None:
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)

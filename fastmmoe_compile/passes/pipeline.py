@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 from torch.export import ExportedProgram
 
-from ..config import FastMMoEConfig
+from .. import algorithm
+from ..config import FastMMoEConfig, FastVConfig
 from .base import GraphPass
 from .diff import diff, summarize
 from .modality_topk import ModalityTopK
+from .token_reduction import Stage, TokenReduction
 
 
 @dataclass
@@ -20,11 +22,20 @@ class PassRecord:
         return {"passes": self.passes, "graph_diff": self.graph_diff}
 
 
-def build_passes(config: FastMMoEConfig) -> list[GraphPass]:
-    return [ModalityTopK(config.reduce_from_layer, config.kv)]
+def build_passes(config: FastMMoEConfig | FastVConfig) -> list[GraphPass]:
+    if isinstance(config, FastVConfig):
+        stage = Stage(config.prune_layer, config.keep_ratio, 0.0, 2, 0.0, "attention", "mean", use_router=False)
+        return [TokenReduction([stage], name="fastv")]
+    passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv)]
+    if config.merge_layers:
+        ratios = algorithm.stage_ratios(config.keep_ratio, len(config.merge_layers), config.stage_ratios)
+        stages = [Stage(layer, r, config.merge_ratio, config.window, config.alpha, config.strategy,
+                        config.merge_method) for layer, r in zip(config.merge_layers, ratios)]
+        passes.append(TokenReduction(stages, name="routing_merge"))
+    return passes
 
 
-def apply_passes(program: ExportedProgram, config: FastMMoEConfig) -> tuple[ExportedProgram, PassRecord]:
+def apply_passes(program: ExportedProgram, config: FastMMoEConfig | FastVConfig) -> tuple[ExportedProgram, PassRecord]:
     before = summarize(program)
     records = []
     for p in build_passes(config):
