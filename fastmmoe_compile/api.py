@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import FastMMoEConfig
+from .config import FastMMoEConfig, FastVConfig
 from .export import export_backbone
 from .lower import BACKENDS, compile_in_process, package_aoti
 from .models import LoadedModel, load_model
@@ -30,7 +30,7 @@ def step(name: str, quiet: bool = False):
         print(f"[fastmmoe] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def rewrite(model_or_path, config: FastMMoEConfig | None = None, *, dtype=None, quiet: bool = True):
+def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *, dtype=None, quiet: bool = True):
     """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord)."""
     config = config or FastMMoEConfig()
     with step("load", quiet):
@@ -43,7 +43,7 @@ def rewrite(model_or_path, config: FastMMoEConfig | None = None, *, dtype=None, 
     return loaded, program, record
 
 
-def compile_model(model_or_path, config: FastMMoEConfig | None = None, out: str | os.PathLike | None = None, *,
+def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
                   quiet: bool = False) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
@@ -80,7 +80,7 @@ def compile_model(model_or_path, config: FastMMoEConfig | None = None, out: str 
     return load_engine(out)
 
 
-def _manifest(loaded: LoadedModel, config: FastMMoEConfig, record: PassRecord, backend: str) -> dict:
+def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str) -> dict:
     import transformers
 
     return {

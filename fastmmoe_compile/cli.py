@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, FastMMoEConfig, config_fields
+from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
 SUBCOMMANDS = ("diff", "presets", "inspect")
 _LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=("fastmmoe", "fastv"), default="fastmmoe",
+                        help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio)")
+    parser.add_argument("--preset", choices=sorted(CONFIG_PRESETS), default=None,
+                        help="the authors' settings for a model (spec section 3); explicit flags override")
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV: the layer that prunes (default: 2)")
     group = parser.add_argument_group("FastMMoE configuration (defaults: spec section 3)")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
@@ -34,8 +39,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=type(f.default), default=None, help=f"(default: {f.default})")
 
 
-def _config_from(args) -> FastMMoEConfig:
+def _config_from(args) -> FastMMoEConfig | FastVConfig:
     values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    if args.method == "fastv":
+        extra = set(values) - {"keep_ratio"}
+        if extra or args.preset:
+            raise ConfigError(f"--method fastv takes --fastv-layer and --keep-ratio only, not {sorted(extra)}")
+        return FastVConfig(prune_layer=args.fastv_layer, keep_ratio=values.get("keep_ratio", 0.5))
+    if args.preset:
+        return config_preset(args.preset, **values)
     return FastMMoEConfig(**values)
 
 
@@ -117,9 +129,13 @@ def _presets() -> int:
 
     rows = [(p.name, p.model_type, p.kind, p.description) for p in PRESETS.values()]
     widths = [max(len(r[i]) for r in rows + [("name", "family", "kind", "")]) for i in range(3)]
-    print(f"{'name':<{widths[0]}}  {'family':<{widths[1]}}  {'kind':<{widths[2]}}  description")
+    print("Models (MODEL argument):")
+    print(f"  {'name':<{widths[0]}}  {'family':<{widths[1]}}  {'kind':<{widths[2]}}  description")
     for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+        print(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    print("\nConfigurations (--preset NAME [--keep-ratio 0.75|0.5|0.25]):")
+    for name, values in CONFIG_PRESETS.items():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     return 0
 
 

@@ -57,3 +57,66 @@ def test_kv_equal_k_gives_every_pair(case):
         return sorted(zip(token.tolist(), expert.tolist(), [round(w, 5) for w in weight.tolist()]))
 
     assert canon(a) == canon(b)
+
+
+# --- Section 2: one merge stage ------------------------------------------------------
+
+@st.composite
+def stage_case(draw):
+    seq = draw(st.integers(2, 30))
+    n = draw(st.integers(0, seq))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    vision = torch.randperm(seq, generator=g)[:n].sort().values
+    hidden = torch.randn(seq, 6, generator=g)
+    probs = torch.rand(seq, 5, generator=g).softmax(-1)
+    attn = torch.rand(seq, generator=g)
+    ratio = draw(st.sampled_from([0.25, 0.5, 0.63, 0.794, 0.91, 1.0]))
+    merge_ratio = draw(st.sampled_from([0.0, 0.025, 0.2, 0.5, 1.0]))
+    window = draw(st.integers(2, 4))
+    strategy = draw(st.sampled_from(["hybrid", "routing", "attention"]))
+    method = draw(st.sampled_from(["mlerp", "mean"]))
+    return hidden, probs, attn, vision, ratio, merge_ratio, window, strategy, method
+
+
+@settings(max_examples=150, deadline=None)
+@given(stage_case())
+def test_merge_stage_properties(case):
+    hidden, probs, attn, vision, ratio, merge_ratio, window, strategy, method = case
+    seq, n = hidden.shape[0], vision.shape[0]
+    keep, new_hidden, new_vision = algorithm.merge_stage(
+        hidden, probs, attn, vision, algorithm.ratio_units(ratio), algorithm.ratio_units(merge_ratio), window,
+        0.5, strategy, method)
+    target = max(1, int(n * ratio + 1e-9)) if n else 0
+    expected_n = n if n <= max(1, target) else target
+    # token counts per stage; order preserved; text never dropped
+    assert new_vision.shape[0] == expected_n
+    assert keep.shape[0] == seq - n + expected_n == new_hidden.shape[0]
+    assert bool((keep[1:] > keep[:-1]).all())
+    text = sorted(set(range(seq)) - set(vision.tolist()))
+    assert set(text) <= set(keep.tolist())
+    kept_vision = keep[new_vision].tolist()
+    assert set(kept_vision) == set(keep.tolist()) - set(text)
+    vis = vision.tolist()
+    for slot, pos in zip(new_vision.tolist(), kept_vision):
+        if torch.equal(new_hidden[slot], hidden[pos]):
+            continue
+        # a merged token: sits at its window's first token; windows never cross the end
+        i = vis.index(pos)
+        assert i % window == 0
+        members = vis[i:i + window]
+        assert len(members) >= 2 and set(members[1:]).isdisjoint(keep.tolist())
+        if method == "mlerp":  # MLERP norm = largest member norm
+            assert torch.isclose(new_hidden[slot].norm(), hidden[members].norm(dim=-1).max(), rtol=1e-5)
+        else:
+            assert torch.allclose(new_hidden[slot], hidden[members].mean(dim=0), atol=1e-6)
+    # every text token's state is untouched
+    for slot, pos in enumerate(keep.tolist()):
+        if pos in text:
+            assert torch.equal(new_hidden[slot], hidden[pos])
+
+
+def test_vision_after_stage_is_the_spec_formula_in_floor_divisions():
+    for ratio in (0.05, 0.25, 0.5, 0.63, 0.794, 0.9086, 0.999999, 1.0):
+        q = algorithm.ratio_units(ratio)
+        for n in list(range(0, 2500)) + [algorithm.MAX_VISION_TOKENS - 1, algorithm.MAX_VISION_TOKENS]:
+            assert algorithm.vision_after_stage(n, q) == (min(n, max(1, n * q // 1_000_000)) if n else 0)

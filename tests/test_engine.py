@@ -1,6 +1,7 @@
 """Engine dirs: a local checkpoint through the CLI to an AOTInductor engine and back;
 manifests that catch corrupt or foreign dirs; nothing half-written after a failure."""
 import json
+import math
 import shutil
 
 import pytest
@@ -153,3 +154,22 @@ def test_in_process_torch_compile_matches_exported_program():
     ids, mask = _inputs(seq=33, batch=2)
     torch.testing.assert_close(compiled.prefill(ids, vision_mask=mask).logits,
                                exported.prefill(ids, vision_mask=mask).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
+    """Merges change the sequence mid-graph; the AOTInductor engine must follow any S and N."""
+    loaded = tiny_model("tiny-qwen3-moe")
+    config = FastMMoEConfig(reduce_from_layer=2, merge_layers=(1, 3), keep_ratio=0.5, merge_ratio=0.2)
+    engine = compile_model(loaded, config, tmp_path / "engine", quiet=True)
+    reference = compile_model(loaded, config, backend="export", quiet=True)
+    for seq, n in [(40, 24), (57, 31), (33, 1), (20, 0)]:
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        positions = torch.arange(3, 3 + n).expand(2, n)
+        got, want = engine.prefill(ids, vision_positions=positions), reference.prefill(ids, vision_positions=positions)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+        assert torch.equal(got.kept_positions, want.kept_positions)
+        left = n
+        for _ in range(2):  # two stages at r = 0.5 ** (1/2), spec 2.1
+            left = min(left, max(1, math.floor(left * 0.5 ** 0.5))) if left else 0
+        assert got.kept_positions.shape[1] == seq - n + left

@@ -30,6 +30,9 @@ class GraphSummary:
 def summarize(program: ExportedProgram) -> GraphSummary:
     names = _symbol_names(program)
     summary = GraphSummary()
+    stage_names = _stage_names(program, names)
+    if stage_names:
+        summary.calls["definitions"] = [f"{name} = {expr}" for name, expr in stage_names]
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
@@ -45,6 +48,8 @@ def summarize(program: ExportedProgram) -> GraphSummary:
 def diff(before: GraphSummary, after: GraphSummary) -> str:
     """Per-layer changes, with runs of identical layers folded into one entry."""
     entries: list[tuple[list[str], list[str]]] = []
+    if after.calls.get("definitions"):
+        entries.append((["where"], [f"  {d}" for d in after.calls["definitions"]]))
     for label in _ordered(set(before.ops) | set(after.ops)):
         b_ops, a_ops = before.ops.get(label, Counter()), after.ops.get(label, Counter())
         lines = []
@@ -69,6 +74,31 @@ def diff(before: GraphSummary, after: GraphSummary) -> str:
         out.append(f"{head}:")
         out.extend(lines)
     return "\n".join(out) + "\n"
+
+
+def _stage_names(program, names) -> list[tuple[str, str]]:
+    """Name the vision and sequence counts after each merge stage N1, S1, N2, S2, ...:
+    the graph carries them as floor-division formulas, and every later shape uses them."""
+    defs = []
+    previous_n = "N"
+    for node in program.graph.nodes:
+        if node.target is torch.ops.fastmmoe.merge_tokens.default:
+            keep, _, vision = node.meta["val"]
+            i = len(defs) // 2 + 1
+            ratio = node.args[4] / 1_000_000
+            n_label, s_label = f"N{i}", f"S{i}"
+            defs.append((n_label, f"min({previous_n}, max(1, floor({previous_n} * {ratio:g})))"))
+            before_s = _shape_dim(node.args[0].meta["val"].shape[1], names)
+            defs.append((s_label, f"{before_s} - {previous_n} + {n_label}"))
+            for label, dim in ((n_label, vision.shape[1]), (s_label, keep.shape[1])):
+                if isinstance(dim, torch.SymInt):
+                    names[dim.node.expr] = sympy.Symbol(label, integer=True, positive=True)
+            previous_n = n_label
+    return defs
+
+
+def _shape_dim(d, names) -> str:
+    return str(sympy.expand(_substitute(d.node.expr, names))) if isinstance(d, torch.SymInt) else str(d)
 
 
 def _op_name(target) -> str:
@@ -96,10 +126,17 @@ def _shape(val, names) -> str:
     dims = []
     for d in val.shape:
         if isinstance(d, torch.SymInt):
-            dims.append(str(sympy.expand(d.node.expr.xreplace(names))))
+            dims.append(_shape_dim(d, names))
         else:
             dims.append(str(d))
     return "[" + ", ".join(dims) + "]"
+
+
+def _substitute(expr, names: dict):
+    """Replace input symbols and whole stage-count subexpressions by their names."""
+    compound = {k: v for k, v in names.items() if not k.is_Symbol}
+    expr = expr.xreplace(compound) if compound else expr
+    return expr.xreplace({k: v for k, v in names.items() if k.is_Symbol})
 
 
 def _symbol_names(program: ExportedProgram) -> dict:
