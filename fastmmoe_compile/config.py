@@ -131,18 +131,18 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _int_tuple(v, name) -> tuple[int, ...]:
-    if isinstance(v, str):
-        v = [x for x in v.replace(" ", "").split(",") if x]
-    try:
-        return tuple(int(x) for x in v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a list of integers, got {v!r}") from None
+    return _number_tuple(v, name, int, "integers")
 
 
 def _float_tuple(v, name) -> tuple[float, ...]:
+    return _number_tuple(v, name, float, "numbers")
+
+
+def _number_tuple(v, name, cast, kind) -> tuple:
+    """A tuple from a list, a tuple, or a comma-separated string (the CLI's form)."""
     if isinstance(v, str):
         v = [x for x in v.replace(" ", "").split(",") if x]
     try:
-        return tuple(float(x) for x in v)
+        return tuple(cast(x) for x in v)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a list of numbers, got {v!r}") from None
+        raise ConfigError(f"{name} must be a list of {kind}, got {v!r}") from None

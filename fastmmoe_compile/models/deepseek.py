@@ -49,17 +49,15 @@ DEEPSEEK_V2 = MoEFamily(
     experts_attr="n_routed_experts",
     shared_experts="n_shared_experts always-on experts; first_k_dense_replace dense layers",
 )
-DEEPSEEK_V3 = MoEFamily(
-    model_type="deepseek_v3",
-    routing="sigmoid -> +correction bias (selection only) -> group-limited top-k -> renormalise -> x scaling",
-    tiny_config=tiny_v3_config,
-    experts_attr="n_routed_experts",
-    shared_experts="n_shared_experts always-on experts; first_k_dense_replace dense layers",
-)
-GLM4_MOE = MoEFamily(
-    model_type="glm4_moe",
-    routing="sigmoid -> +correction bias (selection only) -> group-limited top-k -> renormalise -> x scaling",
-    tiny_config=tiny_glm4_moe_config,
-    experts_attr="n_routed_experts",
-    shared_experts="n_shared_experts always-on experts; first_k_dense_replace dense layers",
-)
+def _sigmoid_routed(model_type: str, tiny_config) -> MoEFamily:
+    return MoEFamily(
+        model_type=model_type,
+        routing="sigmoid -> +correction bias (selection only) -> group-limited top-k -> renormalise -> x scaling",
+        tiny_config=tiny_config,
+        experts_attr="n_routed_experts",
+        shared_experts="n_shared_experts always-on experts; first_k_dense_replace dense layers",
+    )
+
+
+DEEPSEEK_V3 = _sigmoid_routed("deepseek_v3", tiny_v3_config)
+GLM4_MOE = _sigmoid_routed("glm4_moe", tiny_glm4_moe_config)
