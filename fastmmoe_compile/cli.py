@@ -2,6 +2,7 @@
 
     fastmmoe-compile MODEL --out ENGINE [config flags]   compile MODEL into an engine directory
     fastmmoe-compile diff MODEL [config flags]            show what the passes change in the graph
+    fastmmoe-compile flops MODEL [config flags]           FLOPs per layer, baseline vs FastMMoE (no weights needed)
     fastmmoe-compile presets                              list the built-in models
     fastmmoe-compile inspect ENGINE                       show an engine's manifest
 
@@ -15,7 +16,7 @@ import sys
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
-SUBCOMMANDS = ("diff", "presets", "inspect")
+SUBCOMMANDS = ("diff", "flops", "presets", "inspect")
 _LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe_engine(p.parse_args(argv[1:]).engine))
             return 0
+        if argv and argv[0] == "flops":
+            return _flops(argv[1:])
         if argv and argv[0] == "diff":
             args = _diff_parser().parse_args(argv[1:])
             from .api import rewrite
@@ -122,6 +125,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _flops(argv) -> int:
+    import json
+
+    p = argparse.ArgumentParser(prog="fastmmoe-compile flops",
+                                description="Analytic prefill FLOPs (spec section 4), baseline vs the configuration.")
+    p.add_argument("model", help="a checkpoint dir, hub id or preset (real-size presets build on the meta device)")
+    p.add_argument("--vision-tokens", type=int, default=1792,
+                   help="vision tokens of the prompt (default 1792: an InternVL3.5 image tiled 6+1 x 256)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the prompt (default 64)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(p)
+    args = p.parse_args(argv)
+    from .flops import analytic_flops
+    from .models import load_model
+    from .models.presets import PRESETS
+
+    config = _config_from(args)
+    preset = PRESETS.get(args.model)
+    if preset is not None and not preset.on_meta:
+        import torch
+
+        with torch.device("meta"):  # FLOPs need shapes, not weights
+            loaded = preset.build()
+    else:
+        loaded = load_model(args.model)
+    family = loaded.family
+    config.check_model(family.num_layers(loaded.config), family.top_k(loaded.config))
+    base = analytic_flops(loaded, None, args.text_tokens, args.vision_tokens)
+    fast = analytic_flops(loaded, config, args.text_tokens, args.vision_tokens)
+    summary = {"model": args.model, "text_tokens": args.text_tokens, "vision_tokens": args.vision_tokens,
+               "config": config.to_dict(), "baseline_flops": base.total, "fastmmoe_flops": fast.total,
+               "reduction": 1 - fast.total / base.total, "ratio": base.total / fast.total}
+    if args.json:
+        print(json.dumps({**summary, "baseline_by_part": base.by_part, "fastmmoe_by_part": fast.by_part}))
+        return 0
+    print(f"workload: {args.text_tokens} text + {args.vision_tokens} vision tokens, batch 1, prefill "
+          f"(attention counted on the full S x S matrix)\n")
+    print("## FastMMoE\n")
+    print(fast.table())
+    unit, scale = ("TFLOPs", 1e12) if base.total >= 1e12 else ("GFLOPs", 1e9)
+    print(f"\nbaseline {base.total / scale:.3f} {unit} -> {fast.total / scale:.3f} {unit}: "
+          f"{summary['reduction'] * 100:.1f}% fewer FLOPs ({summary['ratio']:.2f}x)")
+    return 0
 
 
 def _presets() -> int:

@@ -46,3 +46,20 @@ def test_unsupported_family_lists_supported(tmp_path, capsys):
 def test_inspect_refuses_a_plain_directory(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a fastmmoe engine" in capsys.readouterr().err
+
+
+def test_flops_json_on_a_real_size_shape(capsys):
+    import json
+
+    assert main(["flops", "internvl3.5-30b-a3b-backbone", "--preset", "internvl3.5-30b-a3b", "--keep-ratio", "0.5",
+                 "--vision-tokens", "1024", "--text-tokens", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["baseline_flops"] > d["fastmmoe_flops"] > 0
+    assert d["reduction"] == pytest.approx(1 - d["fastmmoe_flops"] / d["baseline_flops"])
+    assert 0.3 < d["reduction"] < 0.8
+
+
+def test_flops_table_for_a_tiny_preset(capsys):
+    assert main(["flops", "tiny-qwen3-moe", "--vision-tokens", "24", "--text-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("workload: 16 text + 24 vision tokens") and "fewer FLOPs" in out
