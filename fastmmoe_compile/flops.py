@@ -10,7 +10,14 @@ Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
 - routed experts: 3 matmuls per (token, expert) pair, 2*H*2I + 2*I*H FLOPs, with K pairs
   per text token and, at layers >= reduce_from_layer under FastMMoE, Kv per vision token;
 - shared experts / dense MLP layers: 2*n*in*out over their nn.Linear modules;
-- the LM head on the last token only (the backbone returns last-position logits).
+- the LM head on the last token only (the backbone returns last-position logits);
+- token reduction (routing_merge, FastV): at each stage layer the attention runs on the
+  tokens before the stage and the MoE block and every later layer on those after it
+  (algorithm.vision_after_stage, the spec's T = max(1, floor(N*r)) compounding); the
+  stage's own work is the `merge` part: the cloned router on the pre-stage tokens
+  (2*n*H*E, FastMMoE only: FastV scores by attention alone) and the last query's score
+  row (2*n*h*d_qk). The selection itself (sorts, window cosine scores, gathers) is
+  elementwise work and left out like the norms.
 Norms, rotary, softmax and the elementwise work are left out (negligible, per the spec).
 
 Everything is read from module shapes, so it works on meta-device models.
@@ -26,9 +33,9 @@ from typing import Sequence
 
 import torch
 
-from .config import FastMMoEConfig
+from .config import FastMMoEConfig, FastVConfig
 
-PARTS = ("attn_proj", "attn_core", "router", "routed", "dense")
+PARTS = ("attn_proj", "attn_core", "router", "routed", "dense", "merge")
 
 
 @dataclass
@@ -43,6 +50,7 @@ class LayerFlops:
     router: int = 0
     routed: int = 0
     dense: int = 0  # shared experts, or the MLP of a dense layer
+    merge: int = 0  # a token-reduction stage at this layer: cloned router + last-token scores
 
     @property
     def total(self) -> int:
@@ -69,8 +77,9 @@ class FlopsReport:
         for r in self.layers:
             vals = " | ".join(f"{getattr(r, p) / 1e9:.3f}" for p in PARTS)
             rows.append(f"| {r.layer} | {r.tokens} | {r.vision} | {r.k}/{r.kv} | {vals} | {r.total / 1e9:.3f} |")
-        rows.append(f"| lm_head | 1 | | | | | | | | {self.lm_head / 1e9:.3f} |")
-        rows.append(f"| **total** | | | | | | | | | **{self.total / 1e9:.3f}** |")
+        blank = "| " * (len(PARTS) + 3)
+        rows.append(f"| lm_head | 1 {blank}{self.lm_head / 1e9:.3f} |")
+        rows.append(f"| **total** | {blank}| **{self.total / 1e9:.3f}** |")
         return "\n".join(rows)
 
 
@@ -88,42 +97,59 @@ def _attention_dims(attn: torch.nn.Module, config) -> tuple[int, int, int]:
     return heads, int(d_qk), int(getattr(attn, "v_head_dim", None) or d_qk)
 
 
-def vision_schedule(config: FastMMoEConfig, num_layers: int, num_vision: int) -> list[tuple[int, int]]:
-    """Per layer (vision tokens at attention, vision tokens at the MoE block) under the
-    merge stages of spec section 2: at merge layer l the stage runs after attention, so
-    layer l's attention sees N and its MoE block and every later layer see T."""
+def reduction_stages(config: FastMMoEConfig | FastVConfig | None) -> list[tuple[int, float, bool]]:
+    """(layer, vision tokens kept by the stage, scores with the router) of each token-reduction
+    stage a config asks for: the merge stages of FastMMoE, or FastV's one pruning stage."""
     from .algorithm import stage_ratios
 
-    ratios = dict(zip(config.merge_layers, stage_ratios(config.keep_ratio, len(config.merge_layers),
-                                                        config.stage_ratios)))
+    if config is None:
+        return []
+    if isinstance(config, FastVConfig):
+        return [(config.prune_layer, config.keep_ratio, False)]
+    ratios = stage_ratios(config.keep_ratio, len(config.merge_layers), config.stage_ratios)
+    return [(layer, r, True) for layer, r in zip(config.merge_layers, ratios)]
+
+
+def vision_schedule(config: FastMMoEConfig | FastVConfig | None, num_layers: int,
+                    num_vision: int) -> list[tuple[int, int]]:
+    """Per layer (vision tokens at attention, vision tokens at the MoE block) under the
+    token-reduction stages of spec section 2 (or FastV): at stage layer l the stage runs
+    after attention, so layer l's attention sees N and its MoE block and every later layer
+    see min(N, max(1, floor(N*r))), computed as the graph computes it
+    (algorithm.vision_after_stage on the ratio in integer units)."""
+    from .algorithm import ratio_units, vision_after_stage
+
+    ratios = {layer: r for layer, r, _ in reduction_stages(config)}
     n, out = num_vision, []
     for layer in range(num_layers):
         before = n
-        if layer in ratios and n > 0:
-            n = min(n, max(1, int(n * ratios[layer] + 1e-9)))  # T = max(1, floor(N*r)); N <= T: no-op
+        if layer in ratios:
+            n = vision_after_stage(n, ratio_units(ratios[layer]))
         out.append((before, n))
     return out
 
 
-def analytic_flops(loaded, config: FastMMoEConfig | None, text_tokens: int,
+def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tokens: int,
                    vision_tokens: int | Sequence[int] | Sequence[tuple[int, int]]) -> FlopsReport:
     """Prefill FLOPs of one sample (batch 1) with `text_tokens` text and some vision tokens.
 
-    config None is the unmodified model. vision_tokens: an int (the merge stages of
-    `config` then set the per-layer counts), or one count per layer, or per layer
-    (count at attention, count at the MoE block)."""
+    config None is the unmodified model; a FastVConfig is the FastV baseline (all K experts
+    for every token). vision_tokens: an int (the merge / pruning stages of `config` then set
+    the per-layer counts), or one count per layer, or per layer (count at attention, count
+    at the MoE block)."""
     lm, family, cfg = loaded.lm, loaded.family, loaded.config
     layers = family.decoder(lm).layers
     num_layers = len(layers)
     if isinstance(vision_tokens, int):
-        sched = vision_schedule(config or FastMMoEConfig(), num_layers, vision_tokens) if config else \
-            [(vision_tokens, vision_tokens)] * num_layers
+        sched = vision_schedule(config, num_layers, vision_tokens)
     else:
         sched = [v if isinstance(v, tuple) else (v, v) for v in vision_tokens]
         if len(sched) != num_layers:
             raise ValueError(f"{len(sched)} per-layer vision counts for {num_layers} layers")
     moe = dict(family.moe_blocks(lm))
     top_k = family.top_k(cfg)
+    stages = {layer: uses_router for layer, _, uses_router in reduction_stages(config)}
+    topkv = isinstance(config, FastMMoEConfig)
     report = []
     for i, layer in enumerate(layers):
         v_attn, v_mlp = sched[i]
@@ -133,6 +159,10 @@ def analytic_flops(loaded, config: FastMMoEConfig | None, text_tokens: int,
                          attn_proj=_linear_flops(layer.self_attn, n_attn),
                          attn_core=2 * n_attn * n_attn * heads * (d_qk + d_v))
         block = moe.get(i)
+        if i in stages:  # the stage's last-query score row, and the router it clones
+            row.merge = 2 * n_attn * heads * d_qk
+            if stages[i] and block is not None:
+                row.merge += 2 * n_attn * block.gate.weight.shape[1] * block.gate.weight.shape[0]
         if block is None:
             row.dense = _linear_flops(layer.mlp, n)
         else:
@@ -142,7 +172,7 @@ def analytic_flops(loaded, config: FastMMoEConfig | None, text_tokens: int,
             two_i, h = experts.gate_up_proj.shape[-2:]
             h_down, i_down = experts.down_proj.shape[-2:]
             per_pair = 2 * h * two_i + 2 * i_down * h_down
-            kv = config.kv(top_k) if config is not None and i >= config.reduce_from_layer else top_k
+            kv = config.kv(top_k) if topkv and i >= config.reduce_from_layer else top_k
             row.k, row.kv = top_k, kv
             row.routed = per_pair * (text_tokens * top_k + v_mlp * kv)
             row.dense = _linear_flops(block, n, skip=(experts, gate))
@@ -153,8 +183,8 @@ def analytic_flops(loaded, config: FastMMoEConfig | None, text_tokens: int,
     return out
 
 
-def compare(loaded, config: FastMMoEConfig, text_tokens: int, vision_tokens: int) -> dict:
-    """Baseline vs FastMMoE totals and their ratio (baseline / FastMMoE: the ideal speedup)."""
+def compare(loaded, config: FastMMoEConfig | FastVConfig, text_tokens: int, vision_tokens: int) -> dict:
+    """Baseline vs FastMMoE (or FastV) totals and their ratio (baseline / reduced: the ideal speedup)."""
     base = analytic_flops(loaded, None, text_tokens, vision_tokens)
     fast = analytic_flops(loaded, config, text_tokens, vision_tokens)
     return {"baseline": base.total, "fastmmoe": fast.total, "ratio": base.total / fast.total,

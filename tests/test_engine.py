@@ -173,3 +173,14 @@ def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
         for _ in range(2):  # two stages at r = 0.5 ** (1/2), spec 2.1
             left = min(left, max(1, math.floor(left * 0.5 ** 0.5))) if left else 0
         assert got.kept_positions.shape[1] == seq - n + left
+
+
+def test_engine_dir_permissions_follow_umask(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "engine"
+    compile_model(tiny_model("tiny-olmoe"), out=out, backend="export", quiet=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -6,7 +6,8 @@ import torch
 
 from fastmmoe_compile import flops
 from fastmmoe_compile.api import rewrite
-from fastmmoe_compile.config import FastMMoEConfig
+from fastmmoe_compile import algorithm
+from fastmmoe_compile.config import FastMMoEConfig, FastVConfig, config_preset
 from fastmmoe_compile.models import load_model
 
 TEXT, VISION, PREFIX = 10, 40, 3
@@ -31,6 +32,50 @@ def test_analytic_matches_measured(tiny, config):
     analytic = flops.analytic_flops(tiny, config, TEXT, VISION)
     assert "fastmmoe.grouped_mm" in per_op  # the expert GEMMs are counted, not skipped
     assert measured == pytest.approx(analytic.total, rel=0.02)
+
+
+MERGE = FastMMoEConfig(reduce_from_layer=1, merge_layers=(1, 2), keep_ratio=0.25, merge_ratio=0.2)
+FASTV = FastVConfig(prune_layer=1, keep_ratio=0.5)
+
+
+@pytest.mark.parametrize("config", [MERGE, FASTV], ids=["merge", "fastv"])
+def test_analytic_matches_measured_with_token_reduction(tiny, config):
+    _, program, _ = rewrite(tiny, config)
+    measured, per_op = flops.measured_flops(program, *_inputs(tiny))
+    analytic = flops.analytic_flops(tiny, config, TEXT, VISION)
+    # The schedule's final token count is the graph's (kept positions after the last stage).
+    with torch.no_grad():
+        _, kept = program.module()(*_inputs(tiny))
+    assert kept.shape[1] == TEXT + flops.vision_schedule(config, len(analytic.layers), VISION)[-1][1] < TEXT + VISION
+    assert analytic.by_part["merge"] > 0
+    assert measured == pytest.approx(analytic.total, rel=0.02)
+    assert analytic.total < flops.analytic_flops(tiny, None, TEXT, VISION).total
+
+
+def test_fastv_and_merge_schedules():
+    assert flops.vision_schedule(FASTV, 4, 40) == [(40, 40), (40, 20), (20, 20), (20, 20)]
+    assert flops.vision_schedule(None, 3, 40) == [(40, 40)] * 3
+    assert flops.vision_schedule(FastMMoEConfig(), 3, 40) == [(40, 40)] * 3  # no merge layers
+    # The authors' InternVL settings at 50%: three stages of r = 0.5 ** (1/3), compounding
+    # as the graph computes it (algorithm.vision_after_stage), never as a float product.
+    cfg = config_preset("internvl3.5-30b-a3b", keep_ratio=0.5)
+    sched = flops.vision_schedule(cfg, 16, 1024)
+    q = algorithm.ratio_units(0.5 ** (1 / 3))
+    n5 = algorithm.vision_after_stage(1024, q)
+    n8 = algorithm.vision_after_stage(n5, q)
+    n12 = algorithm.vision_after_stage(n8, q)
+    assert (sched[5], sched[8], sched[12], sched[15]) == ((1024, n5), (n5, n8), (n8, n12), (n12, n12))
+    assert n12 == 511  # floor at every stage: a little under 512
+
+
+def test_fastv_costs_all_k_experts(tiny):
+    """FastV keeps the model's K experts for the vision tokens it keeps (no Top-Kv)."""
+    k = tiny.family.top_k(tiny.config)
+    report = flops.analytic_flops(tiny, FASTV, TEXT, VISION)
+    assert all(r.kv == r.k == k for r in report.layers if r.routed)
+    assert [r.merge > 0 for r in report.layers] == [i == FASTV.prune_layer for i in range(len(report.layers))]
+    cmp = flops.compare(tiny, FASTV, TEXT, VISION)
+    assert cmp["ratio"] > 1
 
 
 def test_topkv_saves_only_routed_vision_flops(tiny):

@@ -74,6 +74,9 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine should be as readable as a plain mkdir
     try:
         yield tmp
         if out.exists():
