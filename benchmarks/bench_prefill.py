@@ -171,29 +171,13 @@ def merge_share(program, inputs, rows: int = 0) -> dict:
 
 
 def compile_variant(program, inputs):
-    """lower.inductor.compile_in_process, i.e. torch.compile(decompose(program).module(),
-    dynamic=True), compiled here by its first call (Inductor compiles lazily).
+    """lower.inductor.compile_in_process, compiled here by its first call (Inductor compiles lazily)."""
+    from fastmmoe_compile.lower.inductor import compile_in_process
 
-    Known problem (torch 2.13): decompose() re-traces a token-reduction graph with
-    run_decompositions, which records guards specialised to the export's example batch
-    (e.g. `1024*S' < B*1024*S'`, i.e. B > 1), so the decomposed module rejects batch 1 although
-    the exported program accepts it. When those guards reject our inputs we compile the same
-    decomposed graph with module(check_guards=False) and say so; main() checks its outputs
-    against the eager program."""
-    from fastmmoe_compile.lower.inductor import decompose
-
-    decomposed, note = decompose(program), None
-    gm = decomposed.module()
-    try:
-        gm._guards_fn(*inputs)
-    except AssertionError:
-        note = ("compile_in_process rejects batch 1 (a guard run_decompositions "
-                "specialised to the example batch); compiled the same decomposed graph with check_guards=False")
-        gm = decomposed.module(check_guards=False)
-    fn = torch.compile(gm, dynamic=True)
+    fn = compile_in_process(program)
     with torch.no_grad():
         fn(*inputs)
-    return fn, note
+    return fn
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -217,7 +201,7 @@ def main(argv=None) -> dict:
     inputs = (torch.randn(1, seq, loaded.config.hidden_size, generator=gen),
               torch.arange(args.prefix, args.prefix + args.vision)[None])
 
-    programs, fns, setup, notes = {}, {}, {}, {}
+    programs, fns, setup = {}, {}, {}
     for name, cfg in configs.items():
         t = time.perf_counter()
         _, programs[name], _ = rewrite(loaded, cfg)
@@ -225,12 +209,8 @@ def main(argv=None) -> dict:
         setup[name] = {"rewrite_s": time.perf_counter() - t}
         if not args.no_compile:
             t = time.perf_counter()
-            fn, note = compile_variant(programs[name], inputs)
-            fns[("compiled", name)] = fn
+            fns[("compiled", name)] = compile_variant(programs[name], inputs)
             setup[name]["compile_s"] = time.perf_counter() - t
-            if note:
-                notes[name] = note
-                log(f"[bench] {name}: {note}")
         log(f"[bench] {name}: " + ", ".join(f"{k} {v:.0f}s" for k, v in setup[name].items()))
 
     reports = {name: flops.analytic_flops(loaded, None if name == "unmodified" else cfg, args.text, args.vision)
@@ -312,8 +292,6 @@ def main(argv=None) -> dict:
         for n, s in shares.items():
             if "table" in s:
                 print(f"\n### profile: eager {n}\n\n{s['table']}")
-    if notes:
-        print("\nCompile notes: " + "; ".join(f"{n}: {v}" for n, v in notes.items()))
     if checks:
         print("\nCompiled vs eager: " + ", ".join(
             f"{n} {c['max_abs_logit_diff_compiled_vs_eager']:.1e}{'' if c['same_kept_tokens'] else ' (kept tokens differ!)'}"
@@ -324,7 +302,7 @@ def main(argv=None) -> dict:
         "args": vars(args), "model": loaded.describe(), "threads": torch.get_num_threads(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__},
-        "rows": rows, "setup_s": setup, "compile_notes": notes, "merge_share": {n: {k: v for k, v in s.items() if k != "table"}
+        "rows": rows, "setup_s": setup, "merge_share": {n: {k: v for k, v in s.items() if k != "table"}
                                                         for n, s in shares.items()},
         "flops": {n: r.to_dict() for n, r in reports.items()}, "checks": checks, "table": "\n".join(table),
         "total_s": time.perf_counter() - t_start,

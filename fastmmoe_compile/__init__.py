@@ -4,7 +4,7 @@
 """
 __version__ = "0.1.0"
 
-from .config import ConfigError, FastMMoEConfig  # noqa: E402
+from .config import ConfigError, FastMMoEConfig, FastVConfig, config_preset  # noqa: E402
 from .runtime import Engine, EngineFormatError, PrefillResult, load_engine  # noqa: E402
 
 
@@ -16,6 +16,7 @@ def compile_model(*args, **kwargs):
 
 
 __all__ = [
-    "ConfigError", "Engine", "EngineFormatError", "FastMMoEConfig", "PrefillResult",
+    "ConfigError", "Engine", "EngineFormatError", "FastMMoEConfig", "FastVConfig", "PrefillResult",
+    "config_preset",
     "compile_model", "load_engine",
 ]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from fastmmoe_compile import EngineFormatError, FastMMoEConfig, compile_model, load_engine
+from fastmmoe_compile import EngineFormatError, FastMMoEConfig, FastVConfig, compile_model, load_engine
 from fastmmoe_compile.api import rewrite
 from fastmmoe_compile.cli import main
 
@@ -146,14 +146,18 @@ def test_export_backend_roundtrip_and_overwrite(tmp_path):
 
 
 @pytest.mark.slow
-def test_in_process_torch_compile_matches_exported_program():
+@pytest.mark.parametrize("config", [FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5, merge_layers=(1,)),
+                                    FastVConfig(prune_layer=1, keep_ratio=0.5)], ids=["merge", "fastv"])
+def test_in_process_torch_compile_matches_exported_program(config):
+    """Batch 1 too: the example batch of the export is 2, and no guard may pin it."""
     loaded = tiny_model("tiny-deepseek-v3")
-    config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5)
     compiled = compile_model(loaded, config, quiet=True)  # no out: torch.compile in this process
     exported = compile_model(loaded, config, backend="export", quiet=True)
-    ids, mask = _inputs(seq=33, batch=2)
-    torch.testing.assert_close(compiled.prefill(ids, vision_mask=mask).logits,
-                               exported.prefill(ids, vision_mask=mask).logits, atol=1e-4, rtol=0)
+    for batch, seq in [(1, 33), (3, 41)]:
+        ids, mask = _inputs(seq=seq, batch=batch)
+        got, want = compiled.prefill(ids, vision_mask=mask), exported.prefill(ids, vision_mask=mask)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+        assert torch.equal(got.kept_positions, want.kept_positions)
 
 
 @pytest.mark.slow
@@ -163,9 +167,9 @@ def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
     config = FastMMoEConfig(reduce_from_layer=2, merge_layers=(1, 3), keep_ratio=0.5, merge_ratio=0.2)
     engine = compile_model(loaded, config, tmp_path / "engine", quiet=True)
     reference = compile_model(loaded, config, backend="export", quiet=True)
-    for seq, n in [(40, 24), (57, 31), (33, 1), (20, 0)]:
-        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
-        positions = torch.arange(3, 3 + n).expand(2, n)
+    for batch, seq, n in [(2, 40, 24), (1, 57, 31), (2, 33, 1), (1, 20, 0)]:
+        ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        positions = torch.arange(3, 3 + n).expand(batch, n)
         got, want = engine.prefill(ids, vision_positions=positions), reference.prefill(ids, vision_positions=positions)
         torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
         assert torch.equal(got.kept_positions, want.kept_positions)

@@ -6,6 +6,7 @@ import torch
 from fastmmoe_compile import ConfigError, FastMMoEConfig
 from fastmmoe_compile.api import rewrite
 from fastmmoe_compile.config import FastVConfig, config_preset
+from fastmmoe_compile.lower.inductor import decompose
 from fastmmoe_compile.passes.token_reduction import TokenReductionError
 
 from .conftest import hf_last_logits, prompt, tiny_model
@@ -83,6 +84,13 @@ def test_batch_samples_select_their_own_tokens():
         alone_logits, alone_kept = run(program, embeds[b:b + 1], positions[b:b + 1])
         torch.testing.assert_close(together_logits[b:b + 1], alone_logits, atol=1e-5, rtol=0)
         assert torch.equal(together_kept[b:b + 1], alone_kept)
+    # The graph Inductor gets (routing ops decomposed) must take batch 1 too: re-tracing it
+    # must not pin the export's example batch of 2.
+    decomposed = decompose(program).module()
+    with torch.no_grad():
+        alone_logits, alone_kept = decomposed(embeds[1:], positions[1:])
+    torch.testing.assert_close(together_logits[1:], alone_logits, atol=1e-5, rtol=0)
+    assert torch.equal(together_kept[1:], alone_kept)
 
 
 @pytest.mark.parametrize("vision,expected_vision_after", [

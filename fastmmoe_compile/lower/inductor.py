@@ -8,8 +8,15 @@ from .. import ops
 
 
 def decompose(program: ExportedProgram) -> ExportedProgram:
-    """Turn the routing ops into aten so Inductor can fuse them (grouped_mm stays an op)."""
-    return program.run_decompositions(dict(ops.DECOMPOSITIONS))
+    """Turn the routing ops into aten so Inductor can fuse them (grouped_mm stays an op).
+
+    Re-tracing collects every shape guard the passes' fake propagation evaluated on the
+    export example (batch 2), e.g. "B*S' != S'", which would reject batch 1. Those were
+    layout decisions that hold for every size; the contract stays the export-time guards.
+    """
+    decomposed = program.run_decompositions(dict(ops.DECOMPOSITIONS))
+    decomposed._guards_code = list(program._guards_code)
+    return decomposed
 
 
 def compile_in_process(program: ExportedProgram):
