@@ -251,3 +251,80 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dims: list[int]) -> torch
         index = keep.reshape(shape).expand(*[keep.shape[1] if i == d else s for i, s in enumerate(x.shape)])
         x = torch.gather(x, d, index)
     return x
+
+
+def merge_stage_batched(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, window: int, alpha: float,
+                        strategy: str, method: str):
+    """merge_stage for every sample at once, with no loops, host syncs or data-dependent sizes:
+    the same selection and merged vectors, for graph backends that cannot call back into Python
+    (ONNX). hidden [B, S, H]; probs [B, S, E] or None (FastV: attention only); attn [B, S];
+    vision [B, N] -> (keep [B, S'], hidden [B, S', H], vision [B, N']).
+
+    Counts that merge_stage computes in Python (T, M) are 0-d tensors here; only sizes that are
+    functions of N (N' = vision_after_stage, G windows) are shapes. Selection is one stable sort:
+    first tokens of merged windows rank first, other members of merged windows last, the rest by
+    importance (ties to the earlier token), which is merge_stage's choice of survivors."""
+    batch, seq, width = hidden.shape
+    n = vision.shape[1]
+    probs = attn[..., None] if probs is None else probs.reshape(batch, seq, -1)
+    new_n = vision_after_stage(n, ratio_q)
+    groups = (n + window - 1) // window
+    pad = groups * window - n
+    n_t = torch.ones_like(vision[0]).sum()  # N as a tensor
+    target = ((n_t * ratio_q) // RATIO_SCALE).clamp_min(1)
+    merged_count = torch.minimum((target * merge_ratio_q) // RATIO_SCALE, (n_t + window - 1) // window - 1)
+    merged_count = torch.minimum(merged_count, (n_t - target).clamp_min(0) // (window - 1)).clamp_min(0)
+
+    p = torch.gather(probs, 1, vision[..., None].expand(batch, n, probs.shape[-1]))
+    a = torch.gather(attn, 1, vision)
+    valid = torch.nn.functional.pad(torch.ones_like(a), (0, pad)).reshape(batch, groups, window)
+    pw = torch.nn.functional.pad(p, (0, 0, 0, pad)).reshape(batch, groups, window, probs.shape[-1])
+    count = valid.sum(dim=2)
+    centre = (pw * valid[..., None]).sum(dim=2) / count[..., None]
+    cos = torch.nn.functional.cosine_similarity(pw, centre[:, :, None, :].expand_as(pw), dim=-1, eps=1e-12)
+    redundancy = (cos * valid).sum(dim=2) / count
+    attention = (torch.nn.functional.pad(a, (0, pad)).reshape(batch, groups, window) * valid).sum(dim=2) / count
+    attention = attention / torch.cat([attention, attention.new_zeros(batch, 1)], 1).amax(1, keepdim=True).clamp_min(1e-30)
+    if strategy == "hybrid":
+        score = alpha * redundancy - (1 - alpha) * attention
+    elif strategy == "routing":
+        score = redundancy
+    elif strategy == "attention":
+        score = -attention
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    score = score.masked_fill(count < 2, float("-inf"))
+
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(groups, device=hidden.device).expand(batch, groups)
+    rank = torch.zeros_like(order).scatter(1, order, ranks)
+    merged = rank < merged_count  # [B, G]: the M best windows
+    token_window = torch.arange(n, device=hidden.device) // window
+    in_merged = torch.gather(merged, 1, token_window.expand(batch, n))
+    is_first = in_merged & (torch.arange(n, device=hidden.device) % window == 0)
+    importance = p.norm(dim=-1) if strategy == "routing" else a
+    inf = torch.full_like(importance, float("inf"))
+    key = torch.where(is_first, inf, torch.where(in_merged, -inf, importance))
+    chosen = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :new_n]
+    survivors = torch.gather(vision, 1, torch.sort(chosen, dim=1).values)  # [B, N'] positions, in order
+
+    kept = torch.ones(batch, seq, dtype=torch.int64, device=hidden.device)
+    kept = kept.scatter(1, vision, torch.zeros_like(vision)).scatter(1, survivors, torch.ones_like(survivors))
+    keep = torch.sort(1 - kept, dim=1, stable=True).indices[:, : seq - n + new_n]
+    new_hidden = torch.gather(hidden, 1, keep[..., None].expand(batch, keep.shape[1], width))
+
+    members = torch.gather(hidden, 1, vision[..., None].expand(batch, n, width))
+    members = torch.nn.functional.pad(members, (0, 0, 0, pad)).reshape(batch, groups, window, width)
+    mean = (members * valid[..., None]).sum(dim=2) / count[..., None]
+    if method == "mlerp":
+        mean = mean / mean.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS) * members.norm(dim=-1).amax(2)[..., None]
+    elif method != "mean":
+        raise ValueError(f"unknown merge method {method!r}")
+    mean = torch.cat([mean, mean.new_zeros(batch, 1, width)], 1)  # a row for text slots to read when N is 0
+    first_at = torch.zeros_like(kept).scatter(1, vision, is_first.long())
+    window_at = torch.zeros_like(kept).scatter(1, vision, token_window.expand(batch, n))
+    slot_first = torch.gather(first_at, 1, keep).bool()
+    slot_merged = torch.gather(mean, 1, torch.gather(window_at, 1, keep)[..., None].expand(batch, keep.shape[1], width))
+    new_hidden = torch.where(slot_first[..., None], slot_merged, new_hidden)
+    new_vision = torch.gather(kept.cumsum(dim=1) - 1, 1, survivors)
+    return keep, new_hidden, new_vision

@@ -16,7 +16,7 @@ from .export import export_backbone
 from .lower import BACKENDS, compile_in_process, package_aoti
 from .models import LoadedModel, load_model
 from .passes import PassRecord, apply_passes
-from .runtime.engine import BACKBONE_FILE, EMBEDDINGS_FILE, Engine, load_engine
+from .runtime.engine import BACKBONE_FILE, DECODE_FILE, EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, write_manifest
 
 
@@ -30,14 +30,16 @@ def step(name: str, quiet: bool = False):
         print(f"[fastmmoe] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *, dtype=None, quiet: bool = True):
-    """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord)."""
+def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *, dtype=None, quiet: bool = True,
+            cache: bool = False):
+    """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
+    With cache=True the program also returns every layer's KV cache (export/decode.py)."""
     config = config or FastMMoEConfig()
     with step("load", quiet):
         loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype)
     config.check_model(loaded.family.num_layers(loaded.config), loaded.family.top_k(loaded.config))
     with step("export", quiet):
-        program = export_backbone(loaded)
+        program = export_backbone(loaded, cache=cache)
     with step("passes", quiet):
         program, record = apply_passes(program, config)
     return loaded, program, record
@@ -45,39 +47,127 @@ def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *
 
 def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
-                  quiet: bool = False) -> Engine:
+                  quiet: bool = False, decode: bool = True) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
-    without, return an engine compiled in this process with torch.compile."""
+    without, return an engine compiled in this process with torch.compile.
+    decode=True (inductor and export backends) also compiles the one-token decode step, for generate."""
+    if backend == "tensorrt":
+        raise NotImplementedError("backend 'tensorrt' is not built yet: it needs TensorRT (a tensorrt extra) and a "
+                                  "CUDA GPU; use 'inductor', 'onnx' or 'export'")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "onnx":
+        from .lower.onnx import require_onnx
+
+        require_onnx()  # before the minutes of export, not after
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     config = config or FastMMoEConfig()
-    loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet)
+    decode = decode and backend in ("inductor", "export")
+    loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
     if loaded.on_meta:
         raise ValueError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
     info = loaded.describe()
     embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:
-        with step("lower (torch.compile)", quiet):
-            fn = compile_in_process(program) if backend == "inductor" else program.module()
-        return Engine(lambda *a: tuple(fn(*a)), info, embeddings, _manifest(loaded, config, record, backend))
+        with step(f"lower ({'ONNX Runtime' if backend == 'onnx' else 'torch.compile'})", quiet):
+            if backend == "onnx":
+                fn = _onnx_in_process(program)
+            else:
+                fn = compile_in_process(program) if backend == "inductor" else program.module()
+        engine = Engine(lambda *a: tuple(fn(*a)), info, embeddings, _manifest(loaded, config, record, backend))
+        engine.front_end = _vision_in_process(loaded, backend, quiet)
+        if decode:
+            step_program = _export_decode(loaded, quiet)
+            engine.decode_step = compile_in_process(step_program) if backend == "inductor" else step_program.module()
+        return engine
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        with step(f"lower ({'AOTInductor' if backend == 'inductor' else 'torch.export.save'})", quiet):
+        with step(f"lower ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
             if backend == "inductor":
                 package_aoti(program, str(tmp / BACKBONE_FILE))
+            elif backend == "onnx":
+                from .lower.onnx import export_onnx
+                from .runtime.onnx_runtime import ONNX_FILE
+
+                export_onnx(program, tmp / ONNX_FILE)
             else:
                 torch.export.save(program, str(tmp / BACKBONE_FILE))
+        _write_vision(loaded, tmp, backend, quiet)
+        if decode:
+            step_program = _export_decode(loaded, quiet)
+            with step(f"lower decode step ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
+                if backend == "inductor":
+                    package_aoti(step_program, str(tmp / DECODE_FILE))
+                else:
+                    torch.export.save(step_program, str(tmp / DECODE_FILE))
         with step("write engine", quiet):
             from safetensors.torch import save_file
 
             save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
-            write_manifest(tmp, _manifest(loaded, config, record, backend))
+            manifest = _manifest(loaded, config, record, backend)
+            if decode:
+                manifest["decode"] = {"file": DECODE_FILE, "cache": "prefill returns key_l, value_l per layer"}
+            write_manifest(tmp, manifest)
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
     return load_engine(out)
+
+
+_LOWERING = {"inductor": "AOTInductor", "onnx": "torch.onnx.export"}
+
+
+def _export_decode(loaded: LoadedModel, quiet: bool):
+    from .export.decode import export_decode
+
+    with step("export decode step", quiet):
+        return export_decode(loaded)
+
+
+def _onnx_in_process(program):
+    """An ONNX Runtime session on the exported model (the files are only needed while it loads)."""
+    import tempfile
+
+    from .lower.onnx import export_onnx
+    from .runtime.onnx_runtime import ONNX_FILE, OrtBackbone
+
+    with tempfile.TemporaryDirectory(prefix="fastmmoe-onnx-") as d:
+        return OrtBackbone(export_onnx(program, Path(d) / ONNX_FILE))
+
+
+def _vision_in_process(loaded: LoadedModel, backend: str, quiet: bool):
+    """A VLM's front end (vision encoder compiled like the backbone), or None for a text model."""
+    if loaded.vision is None:
+        return None
+    from .export.vision import export_vision
+    from .runtime.multimodal import FrontEnd
+
+    with step("export vision encoder", quiet):
+        program = export_vision(loaded)
+    encoder = compile_in_process(program) if backend == "inductor" else program.module()
+    v = loaded.vision
+    return FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
+
+
+def _write_vision(loaded: LoadedModel, tmp: Path, backend: str, quiet: bool) -> None:
+    """A VLM's vision encoder (vision.pt2) and input-processing files (processor/) into the engine dir."""
+    if loaded.vision is None:
+        return
+    from .export.vision import export_vision
+    from .runtime.multimodal import PROCESSOR_DIR, VISION_FILE
+
+    with step("export vision encoder", quiet):
+        program = export_vision(loaded)
+    with step(f"lower vision encoder ({'AOTInductor' if backend == 'inductor' else 'torch.export.save'})", quiet):
+        if backend == "inductor":
+            package_aoti(program, str(tmp / VISION_FILE))
+        else:
+            torch.export.save(program, str(tmp / VISION_FILE))
+    # The engine runs without the source checkpoint: its tokenizer, chat template and image processor come along.
+    if loaded.vision.tokenizer is not None and loaded.vision.image_processor is not None:
+        loaded.vision.tokenizer.save_pretrained(str(tmp / PROCESSOR_DIR))
+        loaded.vision.image_processor.save_pretrained(str(tmp / PROCESSOR_DIR))
 
 
 def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str) -> dict:
@@ -88,6 +178,7 @@ def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record:
         "model": loaded.describe(),
         "config": config.to_dict(),
         "passes": record.passes,
+        **({"vision": loaded.vision.describe()} if loaded.vision is not None else {}),
         "versions": {"fastmmoe_compile": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
@@ -97,4 +188,4 @@ def describe_engine(path) -> str:
     from .runtime.manifest import read_manifest
 
     m = read_manifest(path, verify_hashes=False)
-    return json.dumps({k: m[k] for k in ("backend", "model", "config", "versions")}, indent=2)
+    return json.dumps({k: m[k] for k in ("backend", "model", "vision", "config", "versions") if k in m}, indent=2)

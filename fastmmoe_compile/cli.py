@@ -5,6 +5,7 @@
     fastmmoe-compile flops MODEL [config flags]           FLOPs per layer, baseline vs FastMMoE (no weights needed)
     fastmmoe-compile presets                              list the built-in models
     fastmmoe-compile inspect ENGINE                       show an engine's manifest
+    fastmmoe-compile run ENGINE --image F --prompt P      greedy answer of a VLM engine to images + a prompt
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...).
@@ -16,7 +17,7 @@ import sys
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
-SUBCOMMANDS = ("diff", "flops", "presets", "inspect")
+SUBCOMMANDS = ("diff", "flops", "presets", "inspect", "run")
 _LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
 
 
@@ -68,11 +69,14 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
     p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
-    p.add_argument("--backend", choices=("inductor", "export"), default="inductor",
-                   help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly")
+    p.add_argument("--backend", choices=("inductor", "export", "onnx", "tensorrt"), default="inductor",
+                   help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly; "
+                        "onnx: an ONNX model run by ONNX Runtime (the onnx extra); tensorrt: not built yet")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights dtype (default: the checkpoint's; float32 for random presets)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
+    p.add_argument("--no-decode", action="store_true",
+                   help="prefill only: skip the decode program (faster compile; generate is then unavailable)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_config_flags(p)
     return p
@@ -109,6 +113,8 @@ def _main(argv: list[str] | None) -> int:
             return 0
         if argv and argv[0] == "flops":
             return _flops(argv[1:])
+        if argv and argv[0] == "run":
+            return _run(argv[1:])
         if argv and argv[0] == "diff":
             args = _diff_parser().parse_args(argv[1:])
             from .api import rewrite
@@ -120,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
         from .api import compile_model
 
         compile_model(args.model, _config_from(args), args.out, backend=args.backend, dtype=_dtype(args.dtype),
-                      overwrite=args.overwrite, quiet=args.quiet)
+                      overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
         return 0
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
@@ -133,6 +139,23 @@ def _main(argv: list[str] | None) -> int:
             print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _run(argv) -> int:
+    p = argparse.ArgumentParser(prog="fastmmoe-compile run",
+                                description="Greedy generation of a VLM engine from image files and a prompt.")
+    p.add_argument("engine", help="an engine directory compiled from a vision-language model")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    p.add_argument("--prompt", required=True, help='the user turn; one "<image>" where each image goes')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+    args = p.parse_args(argv)
+    from .runtime import load_engine
+    from .runtime.multimodal import generate_text
+
+    engine = load_engine(args.engine)
+    print(generate_text(engine, args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)[0])
+    return 0
 
 
 def _flops(argv) -> int:

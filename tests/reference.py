@@ -171,3 +171,64 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
     finally:
         lm.config._attn_implementation = previous_attn
     return torch.cat(all_logits), all_kept
+
+
+# --- Decode after a pruned prefill (design.md: each layer attends to its own cache) -----
+
+def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_new_tokens):
+    """Greedy new tokens per sample, one sample at a time, eager attention, HF layers one by one.
+
+    Prefill as eager_fastmmoe, with a DynamicCache whose layer l receives the keys and values of
+    the tokens that reached layer l (so its length differs per layer after a merge). Then one token
+    at a time: every layer attends to its own cache, the rotary position of the t-th new token is
+    the ORIGINAL prompt length + t, and new tokens are text tokens (plain top-K)."""
+    from transformers import DynamicCache
+
+    model = lm.model
+    previous_attn = lm.config._attn_implementation
+    lm.config._attn_implementation = "eager"
+    results = []
+    try:
+        for b in range(embeds.shape[0]):
+            h = embeds[b:b + 1]
+            prompt_length = h.shape[1]
+            positions = list(range(prompt_length))
+            flags = {"vision": vision_mask[b].tolist()}
+            cache = DynamicCache(config=lm.config)
+            tokens = []
+            with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(flags["vision"]), reduce_from_layer, kv):
+                for index, layer in enumerate(model.layers):
+                    pos = torch.tensor(positions)[None]
+                    rope = model.rotary_emb(h, position_ids=pos)
+                    seq = h.shape[1]
+                    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+                    if index not in stages:
+                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope,
+                                  past_key_values=cache)
+                        continue
+                    attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
+                                                        position_embeddings=rope, attention_mask=causal,
+                                                        past_key_values=cache)
+                    h = h + attn_out
+                    a = weights[0, :, -1, :].float().mean(dim=0)
+                    p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
+                    keep, h0, flags["vision"] = reference_stage(h[0], p, a, flags["vision"], *stages[index])
+                    positions = [positions[i] for i in keep]
+                    h = h0[None]
+                    h = h + layer.mlp(layer.post_attention_layernorm(h))
+                token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
+                tokens.append(token)
+                flags["vision"] = [False]
+                for t in range(1, max_new_tokens):
+                    h = model.embed_tokens(torch.tensor([[token]]))
+                    pos = torch.tensor([[prompt_length + t - 1]])
+                    rope = model.rotary_emb(h, position_ids=pos)
+                    for layer in model.layers:
+                        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope,
+                                  past_key_values=cache)
+                    token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
+                    tokens.append(token)
+            results.append(tokens)
+    finally:
+        lm.config._attn_implementation = previous_attn
+    return results

@@ -27,7 +27,7 @@ def aoti_engine(checkpoint, tmp_path_factory):
     """One AOTInductor build for the session (about 20 s on 2 cores), made through the CLI."""
     out = tmp_path_factory.mktemp("engines") / "engine"
     rc = main([str(checkpoint), "--out", str(out), "--vision-expert-ratio", "0.5", "--reduce-from-layer", "2",
-               "--quiet"])
+               "--no-decode", "--quiet"])
     assert rc == 0
     return out
 
@@ -135,9 +135,9 @@ def test_export_backend_roundtrip_and_overwrite(tmp_path):
     out = tmp_path / "engine"
     loaded = tiny_model("tiny-mixtral")
     config = FastMMoEConfig(reduce_from_layer=1, vision_topk=1)
-    first = compile_model(loaded, config, out, backend="export", quiet=True)
+    first = compile_model(loaded, config, out, backend="export", quiet=True, decode=False)
     (out / "stale-file").write_text("x")
-    compile_model(loaded, config, out, backend="export", overwrite=True, quiet=True)
+    compile_model(loaded, config, out, backend="export", overwrite=True, quiet=True, decode=False)
     assert not (out / "stale-file").exists()
     ids, mask = _inputs(seq=20, batch=1)
     mask[:, 16:] = False
@@ -151,8 +151,8 @@ def test_export_backend_roundtrip_and_overwrite(tmp_path):
 def test_in_process_torch_compile_matches_exported_program(config):
     """Batch 1 too: the example batch of the export is 2, and no guard may pin it."""
     loaded = tiny_model("tiny-deepseek-v3")
-    compiled = compile_model(loaded, config, quiet=True)  # no out: torch.compile in this process
-    exported = compile_model(loaded, config, backend="export", quiet=True)
+    compiled = compile_model(loaded, config, quiet=True, decode=False)  # no out: torch.compile in this process
+    exported = compile_model(loaded, config, backend="export", quiet=True, decode=False)
     for batch, seq in [(1, 33), (3, 41)]:
         ids, mask = _inputs(seq=seq, batch=batch)
         got, want = compiled.prefill(ids, vision_mask=mask), exported.prefill(ids, vision_mask=mask)
@@ -165,8 +165,8 @@ def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
     """Merges change the sequence mid-graph; the AOTInductor engine must follow any S and N."""
     loaded = tiny_model("tiny-qwen3-moe")
     config = FastMMoEConfig(reduce_from_layer=2, merge_layers=(1, 3), keep_ratio=0.5, merge_ratio=0.2)
-    engine = compile_model(loaded, config, tmp_path / "engine", quiet=True)
-    reference = compile_model(loaded, config, backend="export", quiet=True)
+    engine = compile_model(loaded, config, tmp_path / "engine", quiet=True, decode=False)
+    reference = compile_model(loaded, config, backend="export", quiet=True, decode=False)
     for batch, seq, n in [(2, 40, 24), (1, 57, 31), (2, 33, 1), (1, 20, 0)]:
         ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seq))
         positions = torch.arange(3, 3 + n).expand(batch, n)
@@ -184,7 +184,7 @@ def test_engine_dir_permissions_follow_umask(tmp_path):
     import stat
 
     out = tmp_path / "engine"
-    compile_model(tiny_model("tiny-olmoe"), out=out, backend="export", quiet=True)
+    compile_model(tiny_model("tiny-olmoe"), out=out, backend="export", quiet=True, decode=False)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

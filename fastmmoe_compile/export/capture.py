@@ -3,6 +3,8 @@
 The exported signature is the one every backend runs:
     (inputs_embeds [B, S, H], vision_positions [B, N] int64)
         -> (logits [B, vocab] at the last position, kept_positions [B, S'] int64)
+With cache=True it also returns every layer's KV cache, flat: key_0, value_0, key_1, ...,
+each [B, heads, S_l, dim] as the layer caches it (export/decode.py).
 Vision tokens come in as positions, not a mask, so every shape in the graph is a
 function of input shapes (B, S, N) and never of data (design.md).
 """
@@ -12,6 +14,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..models.registry import LoadedModel
+from .decode import RecordingCache, attention_modules, injected_cache
 from .dispatch import owned_dispatch
 
 INPUT_NAMES = ("inputs_embeds", "vision_positions")
@@ -20,17 +23,21 @@ INPUT_NAMES = ("inputs_embeds", "vision_positions")
 class Backbone(torch.nn.Module):
     """The language model as the engine runs it: embeddings in, next-token logits out."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, cache: bool = False):
         super().__init__()
         self.lm = loaded.lm
         self._decoder = loaded.family.decoder  # a function, not a submodule
+        self._attention = attention_modules(loaded) if cache else None  # a plain list: not registered twice
 
     def forward(self, inputs_embeds: torch.Tensor, vision_positions: torch.Tensor):
         batch, seq = inputs_embeds.shape[:2]
-        hidden = self._decoder(self.lm)(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        recorder = RecordingCache()
+        with injected_cache(self._attention or [], recorder):
+            hidden = self._decoder(self.lm)(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
         logits = self.lm.lm_head(hidden[:, -1])
         kept_positions = torch.arange(seq, device=inputs_embeds.device).expand(batch, seq)
-        return logits, kept_positions
+        cache = [t for i in sorted(recorder.entries) for t in recorder.entries[i]]
+        return (logits, kept_positions, *cache)
 
 
 def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 24, vision: int = 12):
@@ -41,8 +48,8 @@ def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 24, vision: i
     return embeds, positions
 
 
-def export_backbone(loaded: LoadedModel, max_seq: int | None = None) -> ExportedProgram:
-    """Export the backbone with our dispatch in place of the experts' forward."""
+def export_backbone(loaded: LoadedModel, max_seq: int | None = None, cache: bool = False) -> ExportedProgram:
+    """Export the backbone with our dispatch in place of the experts' forward (and its KV cache outputs)."""
     lm = loaded.lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)
@@ -50,4 +57,5 @@ def export_backbone(loaded: LoadedModel, max_seq: int | None = None) -> Exported
     batch, seq, vision = Dim("B", min=1, max=4096), Dim("S", min=2, max=max_seq), Dim("N", min=0, max=max_seq)
     dynamic = {"inputs_embeds": {0: batch, 1: seq}, "vision_positions": {0: batch, 1: vision}}
     with owned_dispatch(loaded.family.experts_modules(lm)), torch.no_grad():
-        return torch.export.export(Backbone(loaded), example_inputs(loaded), dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(Backbone(loaded, cache), example_inputs(loaded), dynamic_shapes=dynamic,
+                                   strict=False)

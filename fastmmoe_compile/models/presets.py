@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .registry import FAMILIES, LoadedModel
+from .registry import FAMILIES, VLM_FAMILIES, LoadedModel, load_vlm
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class Preset:
     description: str
     make_config: Callable[[], object]
     seed: int = 0
+    make_processing: Callable[[], tuple] | None = None  # VLMs: (tokenizer, image processor)
 
     @property
     def on_meta(self) -> bool:
@@ -27,6 +28,8 @@ class Preset:
         from transformers import AutoModelForCausalLM
 
         config = self.make_config()
+        if self.model_type in VLM_FAMILIES:
+            return self._build_vlm(config, dtype)
         family = FAMILIES[self.model_type]
         if self.on_meta:
             with torch.device("meta"):
@@ -36,6 +39,18 @@ class Preset:
                 torch.manual_seed(self.seed)
                 lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype or torch.float32)
         return LoadedModel(lm.eval(), family, self.name)
+
+    def _build_vlm(self, config, dtype) -> LoadedModel:
+        random_model = VLM_FAMILIES[self.model_type].random_model
+        if self.on_meta:
+            with torch.device("meta"):
+                model = random_model(config, dtype or torch.bfloat16)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                model = random_model(config, dtype or torch.float32)
+        processing = self.make_processing() if self.make_processing else (None, None)
+        return load_vlm(model, self.name, *processing)
 
 
 def _bench_qwen3_moe():
@@ -75,6 +90,42 @@ def _deepseek_vl2_small_backbone():
     )
 
 
+def _tiny_internvl():
+    from .internvl import tiny_config
+
+    return tiny_config()
+
+
+def _tiny_internvl_processing():
+    from .internvl import tiny_processing
+
+    return tiny_processing()
+
+
+def _tiny_deepseek_vl2():
+    from .deepseek_vl2 import tiny_config
+
+    return tiny_config()
+
+
+def _tiny_deepseek_vl2_processing():
+    from .deepseek_vl2 import tiny_processing
+
+    return tiny_processing()
+
+
+def _internvl35_30b_a3b():
+    from transformers import InternVLConfig
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    # InternViT-300M-448px-V2.5 in front of Qwen3-30B-A3B; 151671 = <IMG_CONTEXT> in its tokenizer.
+    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                  intermediate_size=4096, image_size=448, patch_size=14, norm_type="layer_norm",
+                                  use_mean_pooling=True, layer_scale_init_value=0.1)
+    return InternVLConfig(vision_config=vision, text_config=_internvl35_30b_a3b_backbone(), image_token_id=151671,
+                          downsample_ratio=0.5, tie_word_embeddings=False)
+
+
 def _tiny(model_type: str) -> Preset:
     family = FAMILIES[model_type]
     return Preset(
@@ -95,6 +146,18 @@ PRESETS.update({
         Preset("internvl3.5-30b-a3b-backbone", "qwen3_moe", "real-size shape (meta)",
                "InternVL3.5-30B-A3B language backbone: 48 layers, hidden 2048, 128 experts top-8",
                _internvl35_30b_a3b_backbone),
+        Preset("tiny-internvl", "internvl", "tiny random",
+               "InternVL layout: 2-layer InternViT (112 px tiles, 16 tokens each) + 4-layer qwen3_moe, "
+               "8 experts top-4, with a byte-level tokenizer, chat template and image processor",
+               _tiny_internvl, make_processing=_tiny_internvl_processing),
+        Preset("tiny-deepseek-vl2", "deepseek_vl_v2", "tiny random",
+               "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
+               "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
+               "tokenizer and the official image processor config",
+               _tiny_deepseek_vl2, make_processing=_tiny_deepseek_vl2_processing),
+        Preset("internvl3.5-30b-a3b", "internvl", "real-size shape (meta)",
+               "InternVL3.5-30B-A3B: InternViT-300M (448 px tiles, 256 tokens each) + the 30B-A3B backbone",
+               _internvl35_30b_a3b),
         Preset("deepseek-vl2-small-backbone", "deepseek_v2", "real-size shape (meta)",
                "DeepSeek-VL2-Small language backbone: 27 layers, hidden 2048, 64 experts top-6 + 2 shared",
                _deepseek_vl2_small_backbone),

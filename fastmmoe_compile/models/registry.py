@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, deepseek_vl2, internvl, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import MoEFamily
+from .vlm import VisionParts, VLMFamily
 
 FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
@@ -16,6 +17,9 @@ FAMILIES: dict[str, MoEFamily] = {
         deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3, deepseek.GLM4_MOE,
     )
 }
+
+# Vision-language families: a vision encoder in front of one of the MoE backbones above.
+VLM_FAMILIES: dict[str, VLMFamily] = {f.model_type: f for f in (internvl.FAMILY, deepseek_vl2.FAMILY)}
 
 
 class UnsupportedModelError(ValueError):
@@ -27,6 +31,7 @@ class LoadedModel:
     lm: torch.nn.Module  # a transformers *ForCausalLM
     family: MoEFamily
     source: str  # what the user named: preset, path, hub id or "<in-memory model>"
+    vision: VisionParts | None = None  # the vision encoder and input processing of a VLM
 
     @property
     def config(self):
@@ -68,6 +73,8 @@ def load_model(model_or_path, dtype: torch.dtype | None = None) -> LoadedModel:
     from .presets import PRESETS
 
     if isinstance(model_or_path, PreTrainedModel):
+        if getattr(model_or_path.config, "model_type", None) in VLM_FAMILIES:
+            return load_vlm(model_or_path.to(dtype) if dtype else model_or_path, "<in-memory model>")
         lm = model_or_path
         family = family_for(lm.config)
         _check_causal_lm(lm)
@@ -85,6 +92,10 @@ def _from_pretrained(name: str, dtype) -> LoadedModel:
 
     if not os.path.isdir(name) and (os.path.sep in name.rstrip("/").split("/", 1)[-1] or name.startswith((".", "/"))):
         raise FileNotFoundError(f"no checkpoint directory at {name!r}")
+    own = _own_format(name)
+    if own is not None:  # a VLM transformers cannot load: its adapter reads the official layout
+        model, tokenizer, image_processor = own.load_checkpoint(name, dtype)
+        return load_vlm(model, name, tokenizer, image_processor)
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as e:
@@ -94,10 +105,27 @@ def _from_pretrained(name: str, dtype) -> LoadedModel:
             f"could not load a config from {name!r} (not a local checkpoint, and the hub is not reachable or has "
             f"no such model): {e}\nBuilt-in presets: {', '.join(PRESETS)}"
         ) from e
+    if config.model_type in VLM_FAMILIES:
+        return _vlm_from_pretrained(name, config, dtype)
     family = family_for(config)  # fail before reading any weights
     lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
     _check_causal_lm(lm)
     return LoadedModel(lm, family, name)
+
+
+def _own_format(name: str) -> VLMFamily | None:
+    """The VLM family of a local checkpoint whose model_type transformers does not know, else None."""
+    import json
+
+    config = os.path.join(name, "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        model_type = json.loads(open(config, encoding="utf-8").read()).get("model_type")
+    except (ValueError, AttributeError):
+        return None  # AutoConfig gives the error
+    family = VLM_FAMILIES.get(model_type)
+    return family if family is not None and not family.native else None
 
 
 def _check_causal_lm(lm) -> None:
@@ -105,3 +133,30 @@ def _check_causal_lm(lm) -> None:
         raise UnsupportedModelError(
             f"{type(lm).__name__} is not a *ForCausalLM with .model and .lm_head; pass the language model"
         )
+
+
+def load_vlm(model, source: str, tokenizer=None, image_processor=None) -> LoadedModel:
+    """A HF VLM -> its backbone as the LoadedModel every pass takes, plus its vision parts."""
+    vlm = VLM_FAMILIES[model.config.model_type]
+    text_config = vlm.text_config(model.config)
+    try:
+        family = family_for(text_config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{model.config.model_type} with a {text_config.model_type!r} language model: {e}") from None
+    model = model.eval()
+    vision = VisionParts(vlm, model, vlm.encoder(model), tokenizer, image_processor)
+    return LoadedModel(vlm.causal_lm(model), family, source, vision)
+
+
+def _vlm_from_pretrained(name: str, config, dtype) -> LoadedModel:
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    family_for(VLM_FAMILIES[config.model_type].text_config(config))  # fail before reading any weights
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
+    # The engine carries the input side; a checkpoint without it still exports, diffs and counts FLOPs.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        image_processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        tokenizer = image_processor = None
+    return load_vlm(model, name, tokenizer, image_processor)

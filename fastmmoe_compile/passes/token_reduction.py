@@ -142,6 +142,9 @@ class TokenReduction(GraphPass):
             if node in after or node in new_nodes:
                 continue
             readers = [u for u in node.users if u in after and u not in new_nodes]
+            if layer_of(module_path(node)) is not None:
+                # A layer's own result returned as is (its KV cache) keeps the tokens that reached that layer.
+                readers = [u for u in readers if u.op != "output"]
             if not readers:
                 continue
             if node is vision:

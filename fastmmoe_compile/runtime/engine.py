@@ -17,6 +17,7 @@ from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls
 from .manifest import EngineFormatError, read_manifest
 
 BACKBONE_FILE = "backbone.pt2"
+DECODE_FILE = "decode.pt2"  # the one-token decode step (export/decode.py), listed in the manifest's "decode"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
@@ -24,9 +25,14 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 class PrefillResult:
     logits: torch.Tensor  # [B, vocab]: next-token logits at the last position
     kept_positions: torch.Tensor  # [B, S']: original positions of the tokens that reached the last layer
+    cache: list | None = None  # per layer (key, value) [B, heads, S_l, dim]: the tokens that reached layer l
+    prompt_length: int | None = None  # S: decode positions continue from here
 
 
 class Engine:
+    front_end = None  # runtime.multimodal.FrontEnd of a VLM engine: vision encoder + input processing
+    decode_step = None  # the one-token decode program (runtime/generate.py), None for engines without one
+
     def __init__(self, backbone: Callable, info: dict, embeddings: torch.Tensor | None = None,
                  manifest: dict | None = None, path: Path | None = None):
         self.backbone = backbone
@@ -47,10 +53,26 @@ class Engine:
         return torch.nn.functional.embedding(input_ids, self.embeddings)
 
     @torch.no_grad()
+    def prepare(self, images=None, prompts=None, *, chat: bool = True):
+        """VLM engines: images (paths, PIL images) + prompts (one "<image>" per image) -> a
+        runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions."""
+        if self.front_end is None:
+            raise ValueError(f"this engine was compiled from a text-only {self.info.get('model_type')} model "
+                             f"({self.info.get('source')}): it takes input_ids or inputs_embeds, not images and prompts")
+        return self.front_end.prepare(self, images, prompts, chat=chat)
+
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None,
-                vision_positions: torch.Tensor | None = None) -> PrefillResult:
-        """Run the prompt. Vision tokens are marked by a [B, S] bool mask or given as [B, N] positions."""
+                vision_positions: torch.Tensor | None = None, images=None, prompts=None,
+                chat: bool = True) -> PrefillResult:
+        """Run the prompt. Vision tokens are marked by a [B, S] bool mask or given as [B, N] positions.
+        VLM engines also take prompts= (and images=), see prepare()."""
+        if prompts is not None or images is not None:
+            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_mask, vision_positions)):
+                raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+            prepared = self.prepare(images, prompts, chat=chat)
+            inputs_embeds, vision_positions = prepared.inputs_embeds, prepared.vision_positions
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -64,8 +86,52 @@ class Engine:
         if seq < 2:
             raise ValueError("the prompt must have at least 2 tokens")
         positions = vision_positions_of(batch, seq, vision_mask, vision_positions)
-        logits, kept = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions)
-        return PrefillResult(logits, kept)
+        logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions)
+        pairs = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] if cache else None
+        return PrefillResult(logits, kept, pairs, seq)
+
+    def no_decode_message(self) -> str:
+        where = f"{self.path}" if self.path else "this engine"
+        return (f"{where} has no decode program (compiled before decode existed, with decode=False, or for a "
+                "backend without decode): recompile it to decode or generate; prefill still works")
+
+    def start_decode(self, results, max_new_tokens: int):
+        """A generate.DecodeState from one or more PrefillResults (their samples in order)."""
+        from .generate import DecodeUnavailableError, start_state
+
+        if self.decode_step is None:
+            raise DecodeUnavailableError(self.no_decode_message())
+        return start_state([results] if isinstance(results, PrefillResult) else list(results), max_new_tokens)
+
+    @torch.no_grad()
+    def decode(self, state, input_ids: torch.Tensor | None = None, *,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per sample ([B, 1] ids or [B, 1, H] embeddings) -> next-token logits [B, V].
+        Appends to `state` (from start_decode) in place."""
+        from .generate import DecodeUnavailableError, decode_step
+
+        if self.decode_step is None:
+            raise DecodeUnavailableError(self.no_decode_message())
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            input_ids = torch.as_tensor(input_ids)
+            if input_ids.dim() == 1:
+                input_ids = input_ids[:, None]
+            inputs_embeds = self.embed(input_ids)
+        return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
+
+    def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
+                 max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
+        """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
+        embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask).
+        Returns each sample's new tokens (1-D LongTensors, ending at eos), or with stream=True an
+        iterator yielding, per step, a list of each sample's new token (None once it has ended)."""
+        from .generate import generate
+
+        return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
+                        vision_mask=vision_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        stream=stream)
 
 
 def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torch.Tensor:
@@ -109,6 +175,10 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
         backbone = aoti_load_package(str(path / BACKBONE_FILE))
     elif backend == "export":
         backbone = torch.export.load(str(path / BACKBONE_FILE)).module()
+    elif backend == "onnx":
+        from .onnx_runtime import ONNX_FILE, OrtBackbone
+
+        backbone = OrtBackbone(path / ONNX_FILE)
     else:
         raise EngineFormatError(f"{path}: unknown backend {backend!r} in the manifest")
     embeddings = None
@@ -116,7 +186,17 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
         from safetensors.torch import load_file
 
         embeddings = load_file(str(path / EMBEDDINGS_FILE))["weight"]
-    return Engine(_as_tuple(backbone), manifest["model"], embeddings, manifest, path)
+    engine = Engine(_as_tuple(backbone), manifest["model"], embeddings, manifest, path)
+    if manifest.get("decode"):
+        decode_file = str(path / manifest["decode"]["file"])
+        if backend == "inductor":
+            engine.decode_step = aoti_load_package(decode_file)
+        elif backend == "export":
+            engine.decode_step = torch.export.load(decode_file).module()
+    from .multimodal import load_front_end
+
+    engine.front_end = load_front_end(path, manifest)
+    return engine
 
 
 def _as_tuple(fn):

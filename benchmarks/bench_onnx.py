@@ -1,0 +1,116 @@
+"""Prefill latency: the rewritten ExportedProgram (eager) vs the ONNX Runtime engine (CPU),
+unmodified vs Top-Kv, one model with the same weights and inputs (fp32).
+
+Repetitions are interleaved (the order rotates) so noise from other processes hits every
+variant alike; medians and ratios are reported. Both runtimes get the same thread count.
+
+    python benchmarks/bench_onnx.py                       # bench-qwen3-moe cut to 4 layers (~3 min on 2 cores)
+    python benchmarks/bench_onnx.py --layers 2 --reps 3   # a quick run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_topkv import build  # noqa: E402  (the same preset builder, with --layers)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench-qwen3-moe")
+    p.add_argument("--layers", type=int, default=4, help="override num_hidden_layers (the ONNX file holds all weights)")
+    p.add_argument("--vision", type=int, default=1024)
+    p.add_argument("--text", type=int, default=64)
+    p.add_argument("--prefix", type=int, default=8, help="text tokens before the image")
+    p.add_argument("--reduce-from-layer", type=int, default=2)
+    p.add_argument("--ratio", type=float, default=0.5, help="vision_expert_ratio")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/onnx_cpu.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+
+    from fastmmoe_compile import flops
+    from fastmmoe_compile.api import rewrite
+    from fastmmoe_compile.config import FastMMoEConfig
+    from fastmmoe_compile.lower.onnx import export_onnx
+    from fastmmoe_compile.runtime.onnx_runtime import OrtBackbone
+
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    loaded = build(args.preset, args.layers)
+    config = FastMMoEConfig(reduce_from_layer=args.reduce_from_layer, vision_expert_ratio=args.ratio)
+    programs = {"unmodified": rewrite(loaded, FastMMoEConfig(args.reduce_from_layer, vision_expert_ratio=1.0))[1],
+                "topkv": rewrite(loaded, config)[1]}
+    seq = args.text + args.vision
+    embeds = torch.randn(1, seq, loaded.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    inputs = (embeds, torch.arange(args.prefix, args.prefix + args.vision)[None])
+
+    variants, export_s = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, program in programs.items():
+            variants[("export", name)] = program.module()
+            t = time.perf_counter()
+            path = export_onnx(program, Path(d) / f"{name}.onnx")
+            export_s[name] = time.perf_counter() - t
+            variants[("onnxruntime", name)] = OrtBackbone(path, threads=args.threads)
+            log(f"[bench] onnx export {name}: {export_s[name]:.0f}s")
+    with torch.no_grad():
+        ref = {k: fn(*inputs)[0] for k, fn in variants.items()}  # also the warm-up
+        times = {k: [] for k in variants}
+        keys = list(variants)
+        for r in range(args.reps):
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                t = time.perf_counter()
+                variants[k](*inputs)
+                times[k].append(time.perf_counter() - t)
+            log(f"[bench] rep {r + 1}/{args.reps}: " + ", ".join(f"{'/'.join(k)} {times[k][-1] * 1e3:.0f}ms" for k in keys))
+
+    cmp = flops.compare(loaded, config, args.text, args.vision)
+    rows = []
+    for (runtime, name), ts in times.items():
+        med, base = statistics.median(ts), statistics.median(times[(runtime, "unmodified")])
+        fr = cmp["ratio"] if name == "topkv" else 1.0
+        rows.append({"runtime": runtime, "variant": name, "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+                     "all_ms": [t * 1e3 for t in ts], "speedup": base / med, "flops_ratio": fr,
+                     "efficiency": base / med / fr,
+                     "vs_export": statistics.median(times[("export", name)]) / med})
+    diffs = {name: (ref[("onnxruntime", name)] - ref[("export", name)]).abs().max().item() for name in programs}
+    table = ["| runtime | variant | median ms | min ms | Top-Kv speedup | FLOPs ratio | efficiency | vs export |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['runtime']} | {r['variant']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['speedup']:.2f}x "
+                     f"| {r['flops_ratio']:.2f}x | {r['efficiency']:.2f} | {r['vs_export']:.2f}x |")
+    print(f"\n{loaded.source}: batch 1, {args.text} text + {args.vision} vision tokens, fp32, {args.threads} threads, "
+          f"Kv={config.kv(loaded.family.top_k(loaded.config))} from layer {args.reduce_from_layer}, "
+          f"{args.reps} reps (medians), onnxruntime {ort.__version__}\n")
+    print("\n".join(table))
+    print("\nmax |logit diff| onnxruntime vs export: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    result = {"args": vars(args), "model": loaded.describe(), "onnxruntime": ort.__version__,
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "torch": torch.__version__},
+              "rows": rows, "flops": cmp, "onnx_export_s": export_s, "max_abs_logit_diff": diffs,
+              "table": "\n".join(table)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        log(f"[bench] wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

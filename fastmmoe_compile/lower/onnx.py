@@ -1,0 +1,192 @@
+"""Lowering to ONNX, run by ONNX Runtime.
+
+`torch.onnx.export(..., dynamo=True)` translates the rewritten program once our ops are
+decomposed to aten: the routing ops as for Inductor, and merge_tokens as
+algorithm.merge_stage_batched (its loop-free form). Two translations are ours:
+- `fastmmoe::grouped_mm` becomes a call to a model-local ONNX function of the same name:
+  a Loop over the experts that slices each expert's rows out of the expert-sorted pair
+  list (by the offsets) and multiplies them by that expert's matrix. It computes exactly
+  the routed pairs, so Top-Kv's dropped pairs cost nothing, as in the exported program.
+- `aten.sort.stable` (the dispatch's sort by expert, the text/vision split, the merge's
+  selection) becomes TopK over the whole axis: ONNX TopK breaks ties by the lower index,
+  which is a stable sort.
+Why not ORT's com.microsoft.MoE: it does its own softmax + top-k on the router input and
+its CPU kernel takes only interleaved SwiGLU. Fed log-weights (and -inf for unrouted
+experts) it reproduces our routing and skips zero-weight pairs, and on one bench-size layer
+(1088 tokens, 64 experts, top-8, 1 thread) it was about 1.2x faster than this Loop. But using
+it means pattern-matching our whole dispatch out of the graph and re-laying the weights, per
+family and activation, and its CPU SwiGLU has changed meaning across ORT releases (a fixed
+alpha 1.702 and clamp 7 in older ones). The Loop is exact for every family, activation and
+ORT version, and keeps the graph the program we verified.
+The graph keeps the program's inputs and every one of its outputs, with their dynamic
+batch, sequence and vision axes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from .. import algorithm, ops
+
+DOMAIN = "fastmmoe"
+OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
+# Beyond this the model's weights go to an external data file (protobuf's 2 GiB limit).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class OnnxUnavailableError(ImportError, ValueError):
+    """The onnx extra is not installed (a ValueError too, so the CLI reports it in one line)."""
+
+
+def require_onnx():
+    """onnx, onnxscript (the exporter's) and onnxruntime, or one clear error."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise OnnxUnavailableError(
+            f"the onnx backend needs the onnx extra ({e.name} is missing): pip install 'fastmmoe-compile[onnx]'"
+        ) from e
+
+
+SUPPORTED_DTYPES = (torch.float32,)
+
+
+def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
+    """Write the program as an ONNX model at `path` (weights beside it in `<name>.data` when large).
+
+    Every input and output of the program is kept, in order, with its dynamic axes."""
+    require_onnx()
+    import onnx_ir as ir
+    from onnx import helper
+
+    dtype = _float_dtype(program)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
+                         f"weights, got {str(dtype).removeprefix('torch.')}")
+    if any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in program.graph.nodes):
+        raise NotImplementedError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
+                                  "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
+    with _quiet_loggers("torch.onnx", "onnx_ir", "onnxscript"):  # "torchvision is not installed" and the like
+        onnx_program = torch.onnx.export(_decompose(program), dynamo=True, custom_translation_table=_translations(),
+                                         verbose=False)
+    model = onnx_program.model
+    if DOMAIN in model.opset_imports or any(n.domain == DOMAIN for n in model.graph):
+        opset = model.opset_imports[""]
+        elem = helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+        function = ir.serde.deserialize_function(grouped_mm_function(elem, opset))
+        model.functions[function.identifier()] = function
+        model.opset_imports[DOMAIN] = 1
+    path = Path(path)
+    external = sum(t.nbytes for t in program.state_dict.values()) > EXTERNAL_DATA_BYTES
+    onnx_program.save(str(path), external_data=external)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _decompose(program: ExportedProgram) -> ExportedProgram:
+    """Inductor's decompositions, plus merge_tokens as its loop-free form (ONNX cannot call back into
+    Python). The export-time guards stay the contract, as in lower.inductor.decompose."""
+    table = {**ops.DECOMPOSITIONS, torch.ops.fastmmoe.merge_tokens.default: algorithm.merge_stage_batched}
+    decomposed = program.run_decompositions(table)
+    decomposed._guards_code = list(program._guards_code)
+    return decomposed
+
+
+def _float_dtype(program: ExportedProgram) -> torch.dtype:
+    for t in program.state_dict.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _translations():
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    gmm = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "grouped_mm", _grouped_mm_schema())
+
+    def grouped_mm(x, w, offs):
+        return gmm(x, w, offs)
+
+    def sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+        size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        small_int = not self.dtype.is_floating_point() and self.dtype.bitwidth < 32  # TopK takes no int8/bool
+        x = op.Cast(self, to=onnxscript.INT32.dtype) if small_int else self
+        values, indices = op.TopK(x, size, axis=dim, largest=descending, sorted=True)
+        return (op.Cast(values, to=self.dtype) if small_int else values), indices
+
+    return {ops.EXPERT_GEMM: grouped_mm, torch.ops.aten.sort.stable: sort_stable}
+
+
+def _grouped_mm_schema():
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        "grouped_mm", DOMAIN, 1,
+        inputs=[param("x", "T"), param("w", "T"), param("offs", "tensor(int32)")],
+        outputs=[param("out", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+    )
+
+
+def grouped_mm_function(elem_type: int, opset: int = OPSET):
+    """fastmmoe.grouped_mm(x [P, in], w [G, in, out], offs [G] int32) -> [P, out]: a Loop over groups.
+
+    elem_type (the model's float type) is spelled out: ORT needs the Loop's sequence element type."""
+    from onnx import TensorProto, helper
+
+    h = helper
+    body = h.make_graph(
+        [
+            h.make_node("Gather", ["starts", "g"], ["s"], axis=0),
+            h.make_node("Add", ["g", "one"], ["g1"]),
+            h.make_node("Gather", ["starts", "g1"], ["e"], axis=0),
+            h.make_node("Unsqueeze", ["s", "zero_1d"], ["s1"]),
+            h.make_node("Unsqueeze", ["e", "zero_1d"], ["e1"]),
+            h.make_node("Slice", ["x", "s1", "e1", "zero_1d"], ["rows"]),
+            h.make_node("Gather", ["w", "g"], ["wg"], axis=0),
+            h.make_node("MatMul", ["rows", "wg"], ["y"]),
+            h.make_node("SequenceInsert", ["acc_in", "y"], ["acc_out"]),
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "grouped_mm_body",
+        [h.make_tensor_value_info("g", TensorProto.INT64, []),
+         h.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         h.make_tensor_sequence_value_info("acc_in", elem_type, None)],
+        [h.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         h.make_tensor_sequence_value_info("acc_out", elem_type, None)],
+    )
+    nodes = [
+        h.make_node("Constant", [], ["zero_1d"], value_ints=[0]),
+        h.make_node("Constant", [], ["one"], value_int=1),
+        h.make_node("Constant", [], ["true"], value=h.make_tensor("t", TensorProto.BOOL, [], [True])),
+        h.make_node("Cast", ["offs"], ["offs64"], to=TensorProto.INT64),
+        h.make_node("Concat", ["zero_1d", "offs64"], ["starts"], axis=0),
+        h.make_node("Shape", ["offs"], ["groups_1d"]),
+        h.make_node("Squeeze", ["groups_1d", "zero_1d"], ["groups"]),
+        h.make_node("SequenceEmpty", [], ["acc0"], dtype=elem_type),
+        h.make_node("Loop", ["groups", "true", "acc0"], ["acc"], body=body),
+        h.make_node("ConcatFromSequence", ["acc"], ["out"], axis=0),
+    ]
+    return h.make_function(DOMAIN, "grouped_mm", ["x", "w", "offs"], ["out"], nodes,
+                           [h.make_opsetid("", opset)])

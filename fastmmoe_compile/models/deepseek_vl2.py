@@ -1,0 +1,502 @@
+"""DeepSeek-VL2 (`deepseek_vl_v2`, deepseek-ai/deepseek-vl2-*): a SigLIP ViT + a 2x2-downsampling MLP
+projector + dynamic tiling in front of a DeepSeek-V2 MoE language model.
+
+transformers has no `deepseek_vl_v2`, and the official code needs trust_remote_code, timm, xformers
+and torchvision; so this file reads the official checkpoint layout itself (config.json with
+vision_config / projector_config / language_config, weights vision.* / projector.layers.* /
+image_newline / view_seperator / language.*) onto transformers modules:
+- the timm-style ViT -> SiglipVisionModel (fused qkv split into q/k/v, pos_embed -> an Embedding,
+  final norm -> post_layernorm; the unused attention-pool head is dropped: the official
+  model runs with ignore_head=True);
+- language.* -> DeepseekV2ForCausalLM (per-expert weights stacked into its fused expert tensors).
+
+Input side, as the official DeepseekVLV2Processor (processing_deepseek_vl_v2.py) does it:
+- chat: "<|User|>: {prompt}\\n\\n<|Assistant|>:" after BOS (conversation template "deepseek");
+- tiles: a global view (the image padded to one tile, colour = mean) then local tiles of the
+  candidate resolution select_best_resolution picks (only when the prompt has <= 2 images);
+  pixels normalised with mean = std = 0.5;
+- tokens per image: h(w+1) global + 1 separator + (th h)(tw w + 1) local, h = w = the projector's
+  tokens per side; the features are laid out in that order with image_newline ending every row.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .vlm import PLACEHOLDER, VLMFamily
+
+MODEL_TYPE = "deepseek_vl_v2"
+WEIGHTS_FILE = "model.safetensors"
+PROCESSOR_FILE = "processor_config.json"
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+IMAGE = "<image>"  # the official image token is our PLACEHOLDER
+# Tokens the official processor adds, in its order, when the tokenizer lacks them.
+GROUNDING = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+
+
+class Config:
+    """The official config.json, checked and read; `raw` is written back unchanged."""
+
+    def __init__(self, raw: dict, image_token_id: int | None = None):
+        from transformers import DeepseekV2Config
+
+        if raw.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"not a {MODEL_TYPE} config: model_type {raw.get('model_type')!r}")
+        self.raw, self.model_type = raw, MODEL_TYPE
+        v, p, lang = raw.get("vision_config", {}), raw.get("projector_config", {}), raw.get("language_config", {})
+        # Defaults are the official config classes' (VisionEncoderConfig, MlpProjectorConfig).
+        self.image_size, self.patch_size = int(v.get("image_size", 384)), int(v.get("patch_size", 16))
+        self.width, self.layers = int(v.get("width", 1024)), int(v.get("layers", 24))
+        self.heads, self.mlp_ratio = int(v.get("heads", 16)), float(v.get("mlp_ratio", 4))
+        self.projector_type = p.get("projector_type", "downsample_mlp_gelu")
+        self.input_dim, self.n_embed = int(p.get("input_dim", 1152)), int(p.get("n_embed", 2048))
+        self.depth, self.proj_ratio = int(p.get("depth", 2)), int(p.get("mlp_ratio", 1))
+        self.downsample_ratio = int(p.get("downsample_ratio", 2))
+        self.tile_tag = raw.get("tile_tag", "tile_tag")
+        self.global_view_pos = raw.get("global_view_pos", "head")
+        self.candidate_resolutions = [[int(a), int(b)] for a, b in raw.get("candidate_resolutions", [[384, 384]])]
+        unsupported = {
+            "vision_config.class_token": v.get("class_token", False) is not False,
+            "vision_config.ignore_head": v.get("ignore_head", True) is not True,
+            "projector_config.token_pooling": bool(p.get("token_pooling", False)),
+            f"projector_type {self.projector_type!r} (only downsample_mlp_gelu)": self.projector_type != "downsample_mlp_gelu",
+            f"tile_tag {self.tile_tag!r} (only 2D)": self.tile_tag != "2D",
+            f"global_view_pos {self.global_view_pos!r}": self.global_view_pos not in ("head", "tail"),
+            "language_config.use_mla false (MHA DeepSeek-V2, e.g. VL2-Tiny)": lang.get("use_mla", True) is False,
+            f"language_config.scoring_func {lang.get('scoring_func')!r}": lang.get("scoring_func", "softmax") != "softmax",
+            "vision width != projector input_dim": self.width != self.input_dim,
+        }
+        bad = [k for k, is_bad in unsupported.items() if is_bad]
+        if bad:
+            raise ValueError(f"unsupported DeepSeek-VL2 config: {', '.join(bad)}")
+        lang = {k: v for k, v in lang.items() if k not in ("use_mla", "scoring_func", "moe_layer_freq", "model_type")}
+        self.text_config = DeepseekV2Config(**lang)
+        self.text_config._attn_implementation = "sdpa"
+        if int(self.text_config.hidden_size) != self.n_embed:
+            raise ValueError(f"projector n_embed {self.n_embed} != language hidden_size {self.text_config.hidden_size}")
+        self.image_token_id = image_token_id
+
+    @property
+    def side(self) -> int:
+        """Tokens per tile side after the projector's 2x2 (downsample_ratio) pooling."""
+        return math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
+
+    def siglip(self):
+        from transformers import SiglipVisionConfig
+
+        # timm's ViT as the official code builds it: LayerNorm eps 1e-6, GELU(tanh), qkv bias, final norm.
+        c = SiglipVisionConfig(hidden_size=self.width, num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                               intermediate_size=int(self.width * self.mlp_ratio), image_size=self.image_size,
+                               patch_size=self.patch_size, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                               vision_use_head=False)
+        c._attn_implementation = "sdpa"
+        return c
+
+
+class Projector(nn.Module):
+    """downsample_mlp_gelu: pad the token grid to a multiple of r, concatenate each r x r block
+    (channel-major, as F.unfold orders it), then Linear (GELU Linear) x depth-1."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.r = c.downsample_ratio
+        hidden = c.n_embed * c.proj_ratio
+        layers = [nn.Linear(c.input_dim * self.r * self.r, hidden)]
+        for _ in range(1, c.depth - 1):
+            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+        layers += [nn.GELU(), nn.Linear(hidden, c.n_embed)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, hw, dim = x.shape
+        side, r = math.isqrt(hw), self.r
+        pad = -side % r
+        x = nn.functional.pad(x.reshape(b, side, side, dim), (0, 0, 0, pad, 0, pad))
+        n = (side + pad) // r
+        # reshape/permute form of F.unfold(kernel=stride=r): no im2col in the exported graph
+        x = x.reshape(b, n, r, n, r, dim).permute(0, 1, 3, 5, 2, 4).reshape(b, n * n, dim * r * r)
+        return self.layers(x)
+
+
+class DeepseekVL2(nn.Module):
+    """The official model's modules, under the official names (vision, projector, image_newline,
+    view_seperator, language), so the official weights load by name."""
+
+    def __init__(self, config: Config):
+        from transformers import DeepseekV2ForCausalLM, SiglipVisionModel
+
+        super().__init__()
+        self.config = config
+        self.vision = SiglipVisionModel(config.siglip())
+        self.projector = Projector(config)
+        std = config.n_embed ** -0.5
+        self.image_newline = nn.Parameter(torch.randn(config.n_embed) * std)
+        self.view_seperator = nn.Parameter(torch.randn(config.n_embed) * std)  # sic: the official name
+        self.language = DeepseekV2ForCausalLM(config.text_config)
+
+    def save_pretrained(self, path) -> None:
+        """config.json + model.safetensors in the official layout and names."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config.raw, indent=2))
+        state = to_official(self.state_dict(), self.config)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+# --- official weight names <-> ours --------------------------------------------------
+_VIT = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def from_official(state: dict, c: Config) -> dict:
+    out, experts, unknown = {}, {}, []
+    for name, t in state.items():
+        if name.startswith("vision.attn_pool."):
+            continue  # the pooling head; the official model runs with ignore_head=True
+        if name in ("image_newline", "view_seperator") or name.startswith("projector.layers."):
+            out[name] = t
+        elif name == "vision.pos_embed":
+            out["vision.embeddings.position_embedding.weight"] = t.reshape(t.shape[-2], t.shape[-1])
+        elif name.startswith("vision.patch_embed.proj."):
+            out["vision.embeddings.patch_embedding." + name.rsplit(".", 1)[1]] = t
+        elif name.startswith("vision.norm."):
+            out["vision.post_layernorm." + name.rsplit(".", 1)[1]] = t
+        elif name.startswith("vision.blocks."):
+            i, rest = name[len("vision.blocks."):].split(".", 1)
+            layer = f"vision.encoder.layers.{i}."
+            module, kind = rest.rsplit(".", 1)
+            if module == "attn.qkv":
+                for part, chunk in zip("qkv", t.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{part}_proj.{kind}"] = chunk
+            elif module in _VIT:
+                out[f"{layer}{_VIT[module]}.{kind}"] = t
+            else:
+                unknown.append(name)
+        elif name.startswith("language."):
+            name = name[len("language."):]
+            if ".mlp.experts." in name:  # model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight
+                prefix, rest = name.split(".mlp.experts.", 1)
+                e, proj, _ = rest.split(".")
+                experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
+            else:
+                out["language." + name] = t
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"unexpected weights in the checkpoint (not the official DeepSeek-VL2 layout?): {unknown[:5]}")
+    for prefix, projs in experts.items():
+        stack = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in projs.items()}
+        out[f"language.{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
+        out[f"language.{prefix}.mlp.experts.down_proj"] = stack["down_proj"]
+    return out
+
+
+def to_official(state: dict, c: Config) -> dict:
+    out = {}
+    back = {v: k for k, v in _VIT.items()}
+    for name, t in state.items():
+        if name.startswith("vision.embeddings.position_ids"):
+            continue
+        if name == "vision.embeddings.position_embedding.weight":
+            out["vision.pos_embed"] = t[None]
+        elif name.startswith("vision.embeddings.patch_embedding."):
+            out["vision.patch_embed.proj." + name.rsplit(".", 1)[1]] = t
+        elif name.startswith("vision.post_layernorm."):
+            out["vision.norm." + name.rsplit(".", 1)[1]] = t
+        elif name.startswith("vision.encoder.layers."):
+            i, rest = name[len("vision.encoder.layers."):].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module.endswith("q_proj"):
+                    qkv = [state[f"vision.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"vision.blocks.{i}.attn.qkv.{kind}"] = torch.cat(qkv)
+            else:
+                out[f"vision.blocks.{i}.{back[module]}.{kind}"] = t
+        elif name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[: -len(".mlp.experts.gate_up_proj")]
+            gate, up = t.chunk(2, dim=1)
+            down = state[prefix + ".mlp.experts.down_proj"]
+            for e in range(t.shape[0]):
+                for proj, w in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e])):
+                    out[f"{prefix}.mlp.experts.{e}.{proj}.weight"] = w
+        elif name.endswith(".mlp.experts.down_proj"):
+            continue
+        else:
+            out[name] = t
+    return out
+
+
+# --- the exported vision encoder -------------------------------------------------------
+class Encoder(nn.Module):
+    """pixel tiles [T, 3, s, s] -> (projected features [T, side*side, H], [image_newline, view_seperator]).
+    The tile layout (which needs each image's tile grid) runs on the host: Family.arrange."""
+
+    def __init__(self, model: DeepseekVL2):
+        super().__init__()
+        self.vision, self.projector = model.vision, model.projector
+        self.image_newline, self.view_seperator = model.image_newline, model.view_seperator
+
+    def forward(self, pixel_values: torch.Tensor):
+        features = self.projector(self.vision(pixel_values=pixel_values).last_hidden_state)
+        return features, torch.stack([self.image_newline, self.view_seperator])
+
+
+def layout_index(first: int, grid: tuple[int, int], side: int, newline: int, separator: int, head: bool):
+    """Row indices into [every tile's tokens..., newline, separator] for one image, in the official
+    order: global view rows + newline, separator, local rows (tiles side by side) + newline."""
+    hw = side * side
+    rows = torch.arange(side)[:, None] * side + torch.arange(side)[None, :]
+    nl = torch.full((side, 1), newline)
+    global_view = torch.cat([first * hw + rows, nl], dim=1).reshape(-1)
+    th, tw = grid
+    r, c = torch.arange(th * side)[:, None], torch.arange(tw * side)[None, :]
+    tile = first + 1 + (r // side) * tw + c // side
+    local = tile * hw + (r % side) * side + c % side
+    local = torch.cat([local, torch.full((th * side, 1), newline)], dim=1).reshape(-1)
+    sep = torch.tensor([separator])
+    return torch.cat([global_view, sep, local] if head else [local, sep, global_view])
+
+
+def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
+    """The official rule: the candidate (w, h) keeping the most of the image's pixels, then the least padding."""
+    width, height = size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for cw, ch in candidates:
+        scale = min(cw / width, ch / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cw * ch - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cw, ch), effective, wasted
+    return best
+
+
+class ImageProcessor:
+    """The official processor's image side, saved as its processor_config.json."""
+
+    def __init__(self, candidate_resolutions, patch_size: int, downsample_ratio: int,
+                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), normalize: bool = True, **rest):
+        self.candidate_resolutions = [[int(a), int(b)] for a, b in candidate_resolutions]
+        self.image_size = self.candidate_resolutions[0][0]  # as the official processor takes it
+        self.patch_size, self.downsample_ratio = int(patch_size), int(downsample_ratio)
+        self.image_mean, self.image_std, self.normalize = list(image_mean), list(image_std), bool(normalize)
+        self.rest = rest  # image_token, pad_token, sft_format, ...: kept for save_pretrained
+
+    def to_dict(self) -> dict:
+        return {"candidate_resolutions": self.candidate_resolutions, "patch_size": self.patch_size,
+                "downsample_ratio": self.downsample_ratio, "image_mean": self.image_mean,
+                "image_std": self.image_std, "normalize": self.normalize,
+                **{"image_token": IMAGE, "sft_format": "deepseek", "processor_class": "DeepseekVLV2Processor",
+                   **self.rest}}
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2))
+
+    def to_tensor(self, image) -> torch.Tensor:
+        import numpy as np
+
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+        if self.normalize:  # as torchvision's ToTensor + Normalize
+            mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
+            x = x.sub(mean[:, None, None]).div(std[:, None, None])
+        return x
+
+    def __call__(self, images: list, cropping: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(tiles [T, 3, s, s]: per image its global view then local tiles row by row, grids [(th, tw)])."""
+        from PIL import ImageOps
+
+        s, colour = self.image_size, tuple(int(x * 255) for x in self.image_mean)
+        tiles, grids = [], []
+        for image in images:
+            image = _pil(image)
+            best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions) if cropping else (s, s)
+            tiles.append(self.to_tensor(ImageOps.pad(image, (s, s), color=colour)))
+            local = ImageOps.pad(image, (best_w, best_h), color=colour)
+            tiles += [self.to_tensor(local.crop((j, i, j + s, i + s)))
+                      for i in range(0, best_h, s) for j in range(0, best_w, s)]
+            grids.append((best_h // s, best_w // s))
+        return torch.stack(tiles), grids
+
+
+def _pil(image):
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an RGB image (PIL, or a uint8 [h, w, 3] array), got {array.dtype} {list(array.shape)}")
+    return Image.fromarray(array)
+
+
+def complete_tokenizer(tokenizer):
+    """Add the tokens the official processor adds at start-up, in its order, when they are missing."""
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    for tokens in ([IMAGE], GROUNDING, [USER, ASSISTANT]):
+        missing = [t for t in tokens if t not in vocab]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+class DeepseekVL2Family(VLMFamily):
+    model_type = MODEL_TYPE
+    native = False  # not a transformers model type: read with load_checkpoint
+
+    def text_config(self, config):
+        return config.text_config
+
+    def causal_lm(self, model) -> nn.Module:
+        return model.language.eval()  # already a DeepseekV2ForCausalLM over the checkpoint's weights
+
+    def encoder(self, model) -> nn.Module:
+        return Encoder(model).eval()
+
+    def vision_facts(self, config) -> dict:
+        return {"image_size": [config.image_size, config.image_size], "tokens_per_tile": config.side ** 2,
+                "side": config.side, "global_view_pos": config.global_view_pos,
+                "image_token_id": config.image_token_id}
+
+    def random_model(self, config: Config, dtype) -> nn.Module:
+        return DeepseekVL2(config).to(dtype or torch.float32)
+
+    def load_checkpoint(self, path: str, dtype):
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = Config(json.loads((path / "config.json").read_text()))
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} has no *.safetensors weights")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        model = DeepseekVL2(config)
+        missing, unexpected = model.load_state_dict(from_official(state, config), strict=False, assign=True)
+        missing = [m for m in missing if not m.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if dtype is not None:
+            model = model.to(dtype)
+        try:
+            tokenizer, processor = self.load_processing(path)
+        except (OSError, ValueError):
+            tokenizer = processor = None  # still exports, diffs and counts FLOPs
+        if tokenizer is not None:
+            config.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE))
+        return model.eval(), tokenizer, processor
+
+    def load_processing(self, path):
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        tokenizer = complete_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        if (path / PROCESSOR_FILE).is_file():
+            processor = ImageProcessor(**json.loads((path / PROCESSOR_FILE).read_text()))
+        else:  # the checkpoint's config says the same
+            c = Config(json.loads((path / "config.json").read_text()))
+            processor = ImageProcessor(c.candidate_resolutions, c.patch_size, c.downsample_ratio)
+        return tokenizer, processor
+
+    # --- input side ----------------------------------------------------------------
+    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
+        # BOS comes from the tokenizer (its post-processor), as add_special_tokens=True gives it.
+        return f"{USER}: {prompt.strip()}\n\n{ASSISTANT}:" if chat else prompt
+
+    def tiles(self, image_processor, images: list):
+        # The official processor crops only when the conversation has at most 2 images.
+        pixel_values, grids = image_processor(images, cropping=len(images) <= 2)
+        return pixel_values, [1 + th * tw for th, tw in grids], grids
+
+    def expand(self, tokenizer, text: str, grids: list, facts: dict) -> str:
+        parts = text.split(IMAGE)
+        if len(parts) - 1 != len(grids):
+            raise ValueError(f"the prompt has {len(parts) - 1} image tokens for {len(grids)} images")
+        runs = [IMAGE * image_tokens(th, tw, facts["side"]) for th, tw in grids]
+        return parts[0] + "".join(run + part for run, part in zip(runs, parts[1:]))
+
+    def arrange(self, outputs, grids: list, facts: dict) -> torch.Tensor:
+        features, specials = outputs
+        tiles, hw, dim = features.shape
+        table = torch.cat([features.reshape(-1, dim), specials.to(features.dtype)])
+        index, first = [], 0
+        for grid in grids:
+            index.append(layout_index(first, tuple(grid), facts["side"], tiles * hw, tiles * hw + 1,
+                                      facts["global_view_pos"] == "head"))
+            first += 1 + grid[0] * grid[1]
+        return table[torch.cat(index)]
+
+
+def image_tokens(th: int, tw: int, side: int) -> int:
+    """The official count: global h(w+1), one separator, local (th h)(tw w + 1)."""
+    return side * (side + 1) + 1 + (th * side) * (tw * side + 1)
+
+
+FAMILY = DeepseekVL2Family()
+
+
+# --- built-in models --------------------------------------------------------------
+def tiny_raw_config() -> dict:
+    """An official-layout config.json: 42 px tiles of 14 px patches (3x3, padded to 4x4 by the
+    projector as 384/14 = 27 is padded to 28: 2x2 = 4 tokens per tile), a 2-layer ViT, and the
+    tiny deepseek_v2 backbone."""
+    from .deepseek import tiny_v2_config
+
+    lm = tiny_v2_config()
+    keys = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+            "first_k_dense_replace", "topk_method", "n_group", "topk_group", "routed_scaling_factor", "kv_lora_rank",
+            "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+            "rms_norm_eps", "initializer_range", "tie_word_embeddings")
+    language = {k: getattr(lm, k) for k in keys}
+    language.update(model_type="deepseek_v2", vocab_size=256 + len(_SPECIALS) + 5, rope_theta=10000.0,
+                    use_mla=True, scoring_func="softmax", moe_layer_freq=1, norm_topk_prob=False,
+                    bos_token_id=256, eos_token_id=257)
+    s = 42
+    return {
+        "model_type": MODEL_TYPE, "architectures": ["DeepseekVLV2ForCausalLM"], "tile_tag": "2D",
+        "global_view_pos": "head",
+        "candidate_resolutions": [[s, s], [s, 2 * s], [2 * s, s], [s, 3 * s], [3 * s, s], [2 * s, 2 * s]],
+        "vision_config": {"model_type": "vision", "model_name": "siglip_so400m_patch14_384", "image_size": s,
+                          "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2,
+                          "global_pool": "map", "ignore_head": True, "class_token": False},
+        "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
+                             "input_dim": 32, "n_embed": 64, "depth": 2, "mlp_ratio": 1, "downsample_ratio": 2},
+        "language_config": language,
+        "torch_dtype": "float32",
+    }
+
+
+_SPECIALS = [BOS, EOS, PAD, IMAGE, *GROUNDING, USER, ASSISTANT]
+
+
+def tiny_config() -> Config:
+    return Config(tiny_raw_config(), image_token_id=256 + _SPECIALS.index(IMAGE))
+
+
+def tiny_processing():
+    """A byte-level BPE tokenizer (256 byte symbols, no merges) with the official special tokens and
+    a BOS post-processor, and the official image processor config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(_SPECIALS)
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                        additional_special_tokens=[IMAGE, *GROUNDING, USER, ASSISTANT])
+    c = tiny_config()
+    return tokenizer, ImageProcessor(c.candidate_resolutions, c.patch_size, c.downsample_ratio)

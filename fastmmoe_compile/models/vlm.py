@@ -1,0 +1,109 @@
+"""Vision-language models: what the compiler needs beyond the language backbone.
+
+A VLM adapter (one file per family, e.g. internvl.py) says where the language
+backbone and the vision tower + projector live in the HF model, and how a prompt
+and images become token ids and pixel tiles. Every pass sees only the backbone,
+as the same LoadedModel a text checkpoint gives; the vision encoder is exported
+and lowered on its own, and the input side runs in runtime/multimodal.py.
+
+Prompts mark each image's place with PLACEHOLDER, whatever the family's own token
+(InternVL's <IMG_CONTEXT>, Qwen-VL's <|image_pad|>, ...): the adapter translates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PLACEHOLDER = "<image>"
+
+
+@dataclass
+class VisionParts:
+    """The vision side of a loaded VLM, next to LoadedModel.lm (its language backbone)."""
+
+    family: "VLMFamily"
+    model: torch.nn.Module  # the whole HF VLM (tests compare with its forward)
+    encoder: torch.nn.Module  # pixel tiles [T, 3, h, w] -> projected features [T, tokens_per_tile, H_text]
+    tokenizer: Any = None  # None for an in-memory model given without them
+    image_processor: Any = None
+
+    def describe(self) -> dict:
+        return {"family": self.family.model_type, "max_tiles": self.family.max_tiles,
+                **self.family.vision_facts(self.model.config)}
+
+
+class VLMFamily:
+    """The interface a VLM adapter implements. Methods take the HF config / processing objects,
+    never an engine: the runtime stores the facts it needs in the manifest."""
+
+    model_type: str  # the VLM's config.model_type, e.g. "internvl"
+    max_tiles: int = 256  # bound of the vision encoder's dynamic tile count
+    native: bool = True  # transformers knows model_type (else the adapter reads the checkpoint: load_checkpoint)
+
+    # --- loading -----------------------------------------------------------------
+    def random_model(self, config, dtype) -> torch.nn.Module:
+        """A randomly initialised VLM of this config (presets)."""
+        from transformers import AutoModelForImageTextToText
+
+        config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+
+    def load_checkpoint(self, path: str, dtype) -> tuple:
+        """Non-native families: a checkpoint dir -> (model, tokenizer or None, image processor or None)."""
+        raise NotImplementedError
+
+    def load_processing(self, path) -> tuple:
+        """(tokenizer, image processor) saved in an engine's processor dir."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path))
+
+    # --- model side --------------------------------------------------------------
+    def text_config(self, config):
+        raise NotImplementedError
+
+    def causal_lm(self, model) -> torch.nn.Module:
+        """The language backbone as a *ForCausalLM sharing the VLM's modules (no copies)."""
+        raise NotImplementedError
+
+    def encoder(self, model) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def vision_facts(self, config) -> dict:
+        """JSON facts the runtime needs: tile size, tokens_per_tile, image_token_id, ..."""
+        raise NotImplementedError
+
+    # --- input side (runs in the engine, from the files saved beside it) -----------
+    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
+        """The user's prompt, PLACEHOLDER per image, as the model's text with one image token per image."""
+        raise NotImplementedError
+
+    def tiles(self, image_processor, images: list) -> tuple:
+        """(pixel tiles [T, 3, h, w], tiles per image), plus optionally a third item: each image's layout
+        (e.g. its tile grid) for expand and arrange when the tile count alone does not say it.
+        Called once per prompt, with that prompt's images."""
+        raise NotImplementedError
+
+    def expand(self, tokenizer, text: str, layouts: list, facts: dict) -> str:
+        """Each image token -> the model's full token run for that image (layouts: tiles per image,
+        or tiles()'s third item)."""
+        raise NotImplementedError
+
+    def arrange(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor:
+        """The vision encoder's outputs -> the image-token embeddings [N, H] in prompt order.
+        Default: the features [T, tokens_per_tile, H], tile by tile."""
+        features = outputs[0]
+        return features.reshape(-1, features.shape[-1])
+
+
+def share_modules(shell: torch.nn.Module, **modules: torch.nn.Module) -> torch.nn.Module:
+    """Put the VLM's own modules into a *ForCausalLM built on the meta device (so nothing is copied)."""
+    for name, module in modules.items():
+        setattr(shell, name, module)
+    left = [n for n, p in shell.named_parameters() if p.device.type == "meta"]
+    device = next(iter(modules.values())).parameters().__next__().device
+    if left and device.type != "meta":
+        raise RuntimeError(f"backbone shell still has meta parameters: {left[:3]}")
+    return shell

@@ -1,0 +1,230 @@
+"""Decode and greedy generation over an engine's prefill and decode programs.
+
+After a pruned prefill every layer has its own cache length (layer l holds the tokens
+that reached layer l), so the state keeps one buffer per layer. Buffers are seq-major,
+[capacity, B, heads, dim], preallocated for the whole generation: a step passes each
+layer's `buffer[:L]` (a contiguous view, no copy), gets back only the new rows and writes
+them at slot L. Samples of different lengths share a batch with padding slots masked per
+layer; new tokens take slot L in every sample, so holes stay where prefill left them.
+Rotary positions continue from each sample's original prompt length (kept tokens keep
+their original positions; nothing is re-indexed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+
+class DecodeUnavailableError(RuntimeError):
+    """The engine has no decode program, or the prefill result carries no KV cache."""
+
+
+@dataclass
+class DecodeState:
+    keys: list[torch.Tensor]  # per layer [capacity, B, heads, dim], seq-major
+    values: list[torch.Tensor]
+    masks: list[torch.Tensor]  # per layer [B, capacity] bool: the slot holds a token of that sample
+    lengths: list[int]  # per layer: slots in use (the same for every sample; shorter samples have holes)
+    positions: torch.Tensor  # [B] int64: the rotary position of each sample's next token
+
+    @property
+    def batch(self) -> int:
+        return int(self.positions.shape[0])
+
+    def steps_left(self) -> int:
+        return min(k.shape[0] - n for k, n in zip(self.keys, self.lengths))
+
+
+def start_state(results: Sequence, max_new_tokens: int) -> DecodeState:
+    """A decode state for the samples of one or more prefill results, in order, with room for
+    max_new_tokens decode steps. Each result may hold a batch (equal lengths within it)."""
+    if not results:
+        raise ValueError("start_state needs at least one prefill result")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for r in results:
+        if getattr(r, "cache", None) is None or getattr(r, "prompt_length", None) is None:
+            raise DecodeUnavailableError(
+                "this prefill result carries no KV cache: the engine was compiled without a decode program "
+                "(before decode existed, with decode=False, or for the onnx backend); recompile it to decode")
+    layers = len(results[0].cache)
+    if any(len(r.cache) != layers for r in results):
+        raise ValueError("prefill results come from engines with different layer counts")
+    batch = sum(r.logits.shape[0] for r in results)
+    keys, values, masks, lengths = [], [], [], []
+    for layer in range(layers):
+        k0, v0 = results[0].cache[layer]
+        longest = max(r.cache[layer][0].shape[2] for r in results)
+        capacity = longest + int(max_new_tokens)
+        kbuf = k0.new_zeros(capacity, batch, k0.shape[1], k0.shape[3])
+        vbuf = v0.new_zeros(capacity, batch, v0.shape[1], v0.shape[3])
+        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=k0.device)
+        row = 0
+        for r in results:
+            k, v = r.cache[layer]
+            n, length = k.shape[0], k.shape[2]
+            kbuf[:length, row:row + n] = k.permute(2, 0, 1, 3)
+            vbuf[:length, row:row + n] = v.permute(2, 0, 1, 3)
+            mask[row:row + n, :length] = True
+            row += n
+        keys.append(kbuf)
+        values.append(vbuf)
+        masks.append(mask)
+        lengths.append(longest)
+    positions = torch.cat([torch.full((r.logits.shape[0],), int(r.prompt_length), dtype=torch.long)
+                           for r in results])
+    return DecodeState(keys, values, masks, lengths, positions)
+
+
+def decode_step(step, state: DecodeState, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """Run one token per sample through `step` (the decode program), append its K/V rows to
+    `state` in place, and return the next-token logits [B, V]."""
+    if not isinstance(state, DecodeState):
+        raise TypeError(f"decode needs the DecodeState from engine.start_decode(prefill results), got {type(state)}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[:2] != (state.batch, 1):
+        raise ValueError(f"decode takes one token per sample: inputs_embeds [{state.batch}, 1, H], "
+                         f"got {list(inputs_embeds.shape)}")
+    if state.steps_left() < 1:
+        raise ValueError("the decode state is full: start it with a larger max_new_tokens")
+    n = len(state.keys)
+    out = step(inputs_embeds.contiguous(), state.positions[:, None].contiguous(),
+               [k[:length] for k, length in zip(state.keys, state.lengths)],
+               [v[:length] for v, length in zip(state.values, state.lengths)],
+               [m[:, :length].contiguous() for m, length in zip(state.masks, state.lengths)])
+    leaves = tree_leaves(out)  # AOTInductor, the ExportedProgram and torch.compile may nest differently
+    logits, new_keys, new_values = leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n]
+    for layer in range(n):
+        slot = state.lengths[layer]
+        state.keys[layer][slot] = new_keys[layer][:, :, 0]
+        state.values[layer][slot] = new_values[layer][:, :, 0]
+        state.masks[layer][:, slot] = True
+        state.lengths[layer] = slot + 1
+    state.positions += 1
+    return logits
+
+
+# --- inputs: one sample or many, of different lengths ---------------------------------
+
+def _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask):
+    """[(embeds [S, H], vision positions [N])] from batched tensors or per-sample lists."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if vision_positions is not None and vision_mask is not None:
+        raise ValueError("pass vision_mask or vision_positions, not both")
+    if input_ids is not None:
+        seqs = [torch.as_tensor(s, dtype=torch.long) for s in _split(input_ids, 1, "input_ids")]
+        for i, s in enumerate(seqs):
+            if s.dim() != 1 or s.numel() < 2:
+                raise ValueError(f"sample {i}: input_ids must be [S] with S >= 2 per sample, got {list(s.shape)}")
+        embeds = [engine.embed(s[None])[0] for s in seqs]
+    else:
+        embeds = [torch.as_tensor(e) for e in _split(inputs_embeds, 2, "inputs_embeds")]
+    hidden = engine.info["hidden_size"]
+    for i, e in enumerate(embeds):
+        if e.dim() != 2 or e.shape[-1] != hidden:
+            raise ValueError(f"sample {i}: inputs_embeds must be [S, {hidden}] per sample, got {list(e.shape)}")
+        if e.shape[0] < 2:
+            raise ValueError(f"sample {i}: the prompt must have at least 2 tokens, got {e.shape[0]}")
+    vision = vision_positions if vision_positions is not None else vision_mask
+    if vision is None:
+        per_sample = [None] * len(embeds)
+    else:
+        per_sample = _split(vision, 1, "vision_mask" if vision_mask is not None else "vision_positions")
+        if len(per_sample) != len(embeds):
+            raise ValueError(f"{len(embeds)} samples but vision tokens for {len(per_sample)}")
+    from .engine import vision_positions_of
+
+    out = []
+    for i, (e, v) in enumerate(zip(embeds, per_sample)):
+        seq = e.shape[0]
+        try:
+            if vision_mask is not None and v is not None:
+                positions = vision_positions_of(1, seq, mask=torch.as_tensor(v, dtype=torch.bool)[None])
+            else:
+                positions = vision_positions_of(1, seq, positions=None if v is None else
+                                                torch.as_tensor(v, dtype=torch.long).reshape(1, -1))
+        except ValueError as err:
+            raise ValueError(f"sample {i}: {err}") from None
+        out.append((e, positions[0]))
+    return out
+
+
+def _split(x, sample_dims: int, name: str) -> list:
+    """A batched tensor (sample_dims + 1 dims), one sample (sample_dims dims), or a list of samples."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() == sample_dims:
+            return [x]
+        if x.dim() == sample_dims + 1:
+            return list(x.unbind(0))
+        raise ValueError(f"{name}: expected a {sample_dims + 1}-D batch, a {sample_dims}-D sample or a list, "
+                         f"got shape {list(x.shape)}")
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name} is empty")
+        if all(isinstance(s, int) for s in x) and sample_dims == 1 and name == "input_ids":
+            return [torch.as_tensor(x)]
+        return list(x)
+    raise TypeError(f"{name}: expected a tensor or a list of per-sample tensors, got {type(x).__name__}")
+
+
+# --- greedy generation -----------------------------------------------------------------
+
+def prefill_samples(engine, samples, max_new_tokens: int):
+    """Prefill samples grouped by (S, N) (the prefill program needs equal shapes in a batch) and
+    return the first tokens' logits [B, V] and a decode state, both in sample order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (e, v) in enumerate(samples):
+        groups.setdefault((e.shape[0], v.shape[0]), []).append(i)
+    per_sample = [None] * len(samples)
+    for rows in groups.values():
+        result = engine.prefill(inputs_embeds=torch.stack([samples[i][0] for i in rows]),
+                                vision_positions=torch.stack([samples[i][1] for i in rows]))
+        for j, i in enumerate(rows):
+            per_sample[i] = _row(result, j)
+    logits = torch.cat([r.logits for r in per_sample])
+    return logits, start_state(per_sample, max_new_tokens)
+
+
+def _row(result, j):
+    cache = None if result.cache is None else [(k[j:j + 1], v[j:j + 1]) for k, v in result.cache]
+    return type(result)(result.logits[j:j + 1], result.kept_positions[j:j + 1], cache, result.prompt_length)
+
+
+def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[list]:
+    """Yield, per step, each sample's new token (None once the sample has ended with eos)."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if engine.decode_step is None and max_new_tokens > 1:
+        raise DecodeUnavailableError(engine.no_decode_message())
+    eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    logits, state = prefill_samples(engine, samples, max_new_tokens)
+    done = [False] * len(samples)
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(dim=-1)
+        out = [None if d else int(t) for d, t in zip(done, tokens.tolist())]
+        done = [d or t in eos for d, t in zip(done, tokens.tolist())]
+        yield out
+        if all(done) or step == max_new_tokens - 1:
+            return
+        logits = engine.decode(state, tokens[:, None])
+
+
+def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
+             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
+    samples = _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask)
+    if engine.embeddings is None:
+        raise ValueError("this engine was built without its token embeddings: it cannot feed generated tokens back")
+    if engine.decode_step is None and max_new_tokens > 1:
+        raise DecodeUnavailableError(engine.no_decode_message())  # now, not at the stream's first step
+    steps = greedy(engine, samples, max_new_tokens, eos_token_id)
+    if stream:
+        return steps
+    tokens = [[] for _ in samples]
+    for out in steps:
+        for i, t in enumerate(out):
+            if t is not None:
+                tokens[i].append(t)
+    return [torch.tensor(t, dtype=torch.long) for t in tokens]

@@ -1,0 +1,167 @@
+"""Images + prompts -> what the backbone takes: input_ids, inputs_embeds with the projected
+image features at the image-token positions, and vision_positions.
+
+The engine dir carries everything this needs (the compiled vision encoder, the
+tokenizer, image processor and chat template), so it runs without the source
+checkpoint. Family rules (chat template use, tiling, token expansion) come from the
+VLM adapter named in the manifest; transformers' processor classes are not used
+(InternVL's needs torchvision, which the CPU torch here cannot have).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .manifest import EngineFormatError
+
+VISION_FILE = "vision.pt2"
+PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor files, save_pretrained layout
+
+
+@dataclass
+class Prepared:
+    input_ids: torch.Tensor  # [B, S]
+    inputs_embeds: torch.Tensor  # [B, S, H]
+    vision_positions: torch.Tensor  # [B, N]: the image-feature tokens
+    pixel_values: torch.Tensor | None  # [T, 3, h, w]: every tile of every image, in prompt order
+    tiles_per_image: list[list[int]]  # per sample, per image
+
+
+class FrontEnd:
+    """The vision encoder and input processing of one engine."""
+
+    def __init__(self, family, facts: dict, encoder: Callable, tokenizer, image_processor):
+        self.family = family  # models.vlm.VLMFamily
+        self.facts = facts  # manifest["vision"]: image_size, tokens_per_tile, image_token_id, max_tiles
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def prepare(self, engine, images, prompts, chat: bool = True) -> Prepared:
+        from ..models.vlm import PLACEHOLDER
+
+        if self.tokenizer is None or self.image_processor is None:
+            raise ValueError("this engine has no tokenizer/image processor (its source, an in-memory model or a "
+                             "checkpoint without them, had none): compile a checkpoint directory that has them")
+        prompts, per_sample = _batch(images, prompts)
+        texts, all_images, counts = [], [], []
+        for prompt, imgs in zip(prompts, per_sample):
+            if prompt.count(PLACEHOLDER) != len(imgs):
+                raise ValueError(f"the prompt has {prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholder(s) for "
+                                 f"{len(imgs)} image(s): put one {PLACEHOLDER} where each image goes")
+            texts.append(self.family.prompt_text(self.tokenizer, prompt, chat))
+            all_images += [load_image(im) for im in imgs]
+            counts.append(len(imgs))
+        pixel_values, tiles, layouts, per_sample_layouts = None, [], [], []
+        for i, count in enumerate(counts):  # per prompt: tiling may depend on the prompt's image count
+            sample_images = all_images[sum(counts[:i]):sum(counts[:i]) + count]
+            try:
+                pixels, sample_tiles, *layout = self.family.tiles(self.image_processor, sample_images) if count else (None, [])
+            except (ValueError, TypeError, OSError) as e:
+                raise ValueError(f"the image processor rejected the image(s): {e}") from e
+            per_sample_layouts.append(layout[0] if layout else sample_tiles)
+            tiles += sample_tiles
+            layouts += per_sample_layouts[-1]
+            if pixels is not None:
+                pixel_values = pixels if pixel_values is None else torch.cat([pixel_values, pixels])
+        if len(tiles) != len(all_images):
+            raise ValueError(f"the image processor returned {len(tiles)} tile groups for {len(all_images)} images")
+        if sum(tiles) > self.facts["max_tiles"]:
+            raise ValueError(f"{len(all_images)} image(s) make {sum(tiles)} tiles; this engine's vision encoder "
+                             f"takes at most {self.facts['max_tiles']} per call: pass fewer images")
+        per_sample_tiles = [tiles[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
+        texts = [self.family.expand(self.tokenizer, t, n, self.facts) for t, n in zip(texts, per_sample_layouts)]
+        ids = self.tokenizer(texts)["input_ids"]
+        if len({len(x) for x in ids}) > 1:
+            raise ValueError(f"prompts of a batch must tokenize to the same length, got {[len(x) for x in ids]} "
+                             "(the engine takes no padding mask): run them one at a time")
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        embeds = engine.embed(input_ids)
+        mask = input_ids == self.facts["image_token_id"]
+        if pixel_values is not None:
+            outputs = self.encoder(pixel_values.to(engine.dtype).contiguous())
+            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            features = self.family.arrange(outputs, layouts, self.facts).to(embeds.dtype)
+            if features.shape[0] != int(mask.sum()):
+                raise ValueError(f"{int(mask.sum())} image tokens in the prompt for {features.shape[0]} image features")
+            embeds = embeds.clone()
+            embeds[mask] = features  # row-major, as HF's masked_scatter
+        counts = mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"every sample of a batch must have the same number of image tokens, got "
+                             f"{counts.tolist()}: run them one at a time")
+        positions = mask.nonzero()[:, 1].reshape(len(ids), int(counts[0])).contiguous()
+        return Prepared(input_ids, embeds, positions, pixel_values, per_sample_tiles)
+
+
+def _batch(images, prompts) -> tuple[list[str], list[list]]:
+    """(prompts, images per prompt). One prompt: images is one image, a list, or None.
+    Several prompts: images is a list with one entry (an image, a list or None) per prompt."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+        images = [images if isinstance(images, (list, tuple)) else ([] if images is None else [images])]
+    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+        if images is None:
+            images = [[] for _ in prompts]
+        if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
+            raise ValueError(f"with {len(prompts)} prompts, pass images as a list of {len(prompts)} entries "
+                             "(an image, a list of images, or None each)")
+        images = [im if isinstance(im, (list, tuple)) else ([] if im is None else [im]) for im in images]
+    else:
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    return list(prompts), [list(x) for x in images]
+
+
+def load_image(image):
+    """A path or a PIL image -> a PIL image (arrays and tensors go to the image processor as they are)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path} is not an image file PIL can read: {e}") from e
+    if isinstance(image, Image.Image) or hasattr(image, "shape"):
+        return image
+    raise ValueError(f"an image must be a path, a PIL image, an array or a tensor, got {type(image).__name__}")
+
+
+def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
+    """The front end of an engine dir, or None for a text-only engine."""
+    facts = manifest.get("vision")
+    if facts is None:
+        return None
+    from ..models.registry import VLM_FAMILIES
+
+    family = VLM_FAMILIES.get(facts.get("family"))
+    if family is None:
+        raise EngineFormatError(f"{path}: vision family {facts.get('family')!r} is not one this fastmmoe-compile "
+                                f"runs (known: {', '.join(VLM_FAMILIES)})")
+    if manifest.get("backend") == "inductor":
+        from torch._inductor import aoti_load_package
+
+        encoder = aoti_load_package(str(path / VISION_FILE))
+    else:
+        encoder = torch.export.load(str(path / VISION_FILE)).module()
+    tokenizer = image_processor = None
+    if (path / PROCESSOR_DIR).is_dir():
+        tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)
+    return FrontEnd(family, facts, encoder, tokenizer, image_processor)
+
+
+def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True) -> list[str]:
+    """Greedy answers (decoded text, special tokens dropped) to image + prompt inputs, per prompt."""
+    prepared = engine.prepare(images, prompts, chat=chat)
+    tokenizer = engine.front_end.tokenizer
+    new = engine.generate(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions,
+                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in new]
