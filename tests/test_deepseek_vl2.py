@@ -181,6 +181,32 @@ def test_prompt_expansion_is_the_official_one(identity_engine, images, name, gri
     assert raw.input_ids[0, 0] == tokenizer.bos_token_id and raw.input_ids.shape[1] == 1 + n + len("describe")
 
 
+def test_tokenizer_and_processor_completed_as_the_official_processor_does(checkpoint, tmp_path):
+    """A tokenizer without <image>/grounding/chat tokens gets them in the official order, BOS is written
+    as text when the tokenizer does not add it, and processor settings fall back to config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastmmoe_compile.models.deepseek_vl2 import BOS, EOS, FAMILY, complete_tokenizer
+
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_special_tokens([BOS, EOS])
+    tokenizer = complete_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS))
+    added = ["<｜▁pad▁｜>", "<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>",
+             "<|Assistant|>"]
+    assert tokenizer.convert_tokens_to_ids(added) == list(range(258, 267))
+    text = FAMILY.prompt_text(tokenizer, "<image> hi ", chat=True)
+    assert text == f"{BOS}<|User|>: <image> hi\n\n<|Assistant|>:"
+    assert tokenizer(text)["input_ids"][:2] == [256, 265]
+    bare = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, bare)
+    (bare / "processor_config.json").unlink()
+    _, processor = FAMILY.load_processing(bare)
+    assert processor.to_dict() == FAMILY.load_processing(checkpoint)[1].to_dict()
+
+
 def test_more_than_two_images_are_not_cropped(identity_engine, images):
     """The official processor crops only conversations of at most 2 images: 3 images get 1 + 1 tiles each."""
     prepared = identity_engine.prepare([images["wide"]] * 3, "<image><image><image>")

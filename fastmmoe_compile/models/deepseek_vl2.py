@@ -146,7 +146,7 @@ class DeepseekVL2(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.raw, indent=2))
-        state = to_official(self.state_dict(), self.config)
+        state = to_official(self.state_dict())
         save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
@@ -155,7 +155,8 @@ _VIT = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.
         "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
-def from_official(state: dict, c: Config) -> dict:
+def from_official(state: dict) -> dict:
+    """Official names -> ours (q/k/v split, experts stacked); anything unknown is an error."""
     out, experts, unknown = {}, {}, []
     for name, t in state.items():
         if name.startswith("vision.attn_pool."):
@@ -198,7 +199,8 @@ def from_official(state: dict, c: Config) -> dict:
     return out
 
 
-def to_official(state: dict, c: Config) -> dict:
+def to_official(state: dict) -> dict:
+    """Ours -> official names: what a deepseek-vl2 checkpoint holds."""
     out = {}
     back = {v: k for k, v in _VIT.items()}
     for name, t in state.items():
@@ -382,7 +384,7 @@ class DeepseekVL2Family(VLMFamily):
         for f in files:
             state.update(load_file(str(f)))
         model = DeepseekVL2(config)
-        missing, unexpected = model.load_state_dict(from_official(state, config), strict=False, assign=True)
+        missing, unexpected = model.load_state_dict(from_official(state), strict=False, assign=True)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -399,8 +401,15 @@ class DeepseekVL2Family(VLMFamily):
     def load_processing(self, path):
         from transformers import AutoTokenizer
 
+        from transformers.utils import logging
+
         path = Path(path)
-        tokenizer = complete_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        previous = logging.get_verbosity()
+        logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that it knows no deepseek_vl_v2
+        try:
+            tokenizer = complete_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        finally:
+            logging.set_verbosity(previous)
         if (path / PROCESSOR_FILE).is_file():
             processor = ImageProcessor(**json.loads((path / PROCESSOR_FILE).read_text()))
         else:  # the checkpoint's config says the same
@@ -410,8 +419,10 @@ class DeepseekVL2Family(VLMFamily):
 
     # --- input side ----------------------------------------------------------------
     def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        # BOS comes from the tokenizer (its post-processor), as add_special_tokens=True gives it.
-        return f"{USER}: {prompt.strip()}\n\n{ASSISTANT}:" if chat else prompt
+        # The official processor puts BOS first in both cases; add it as text if the tokenizer does not.
+        ids = tokenizer("a")["input_ids"]
+        bos = "" if ids and ids[0] == tokenizer.bos_token_id else (tokenizer.bos_token or "")
+        return bos + (f"{USER}: {prompt.strip()}\n\n{ASSISTANT}:" if chat else prompt)
 
     def tiles(self, image_processor, images: list):
         # The official processor crops only when the conversation has at most 2 images.
