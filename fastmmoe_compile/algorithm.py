@@ -140,6 +140,17 @@ def merged_window_count(num_vision: int, target: int, merge_ratio_q: int, window
     return max(0, min(m, (num_vision - target) // (window - 1)))
 
 
+def combine_scores(redundancy: torch.Tensor, attention: torch.Tensor, strategy: str, alpha: float) -> torch.Tensor:
+    """Spec 2.3: a window's merge score from its routing redundancy and its (normalised) attention."""
+    if strategy == "hybrid":
+        return alpha * redundancy - (1 - alpha) * attention
+    if strategy == "routing":
+        return redundancy
+    if strategy == "attention":
+        return -attention
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
 def window_scores(probs: torch.Tensor, attn: torch.Tensor, window: int, alpha: float, strategy: str):
     """Score c_g of each window of W consecutive vision tokens (spec 2.4-2.6).
 
@@ -158,14 +169,7 @@ def window_scores(probs: torch.Tensor, attn: torch.Tensor, window: int, alpha: f
     redundancy = (cos * m).sum(dim=1) / count
     attention = (a * m).sum(dim=1) / count
     attention = attention / attention.max().clamp_min(1e-30)
-    if strategy == "hybrid":
-        score = alpha * redundancy - (1 - alpha) * attention
-    elif strategy == "routing":
-        score = redundancy
-    elif strategy == "attention":
-        score = -attention
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
+    score = combine_scores(redundancy, attention, strategy, alpha)
     return score.masked_fill(count < 2, float("-inf"))
 
 
@@ -285,14 +289,7 @@ def merge_stage_batched(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q
     redundancy = (cos * valid).sum(dim=2) / count
     attention = (torch.nn.functional.pad(a, (0, pad)).reshape(batch, groups, window) * valid).sum(dim=2) / count
     attention = attention / torch.cat([attention, attention.new_zeros(batch, 1)], 1).amax(1, keepdim=True).clamp_min(1e-30)
-    if strategy == "hybrid":
-        score = alpha * redundancy - (1 - alpha) * attention
-    elif strategy == "routing":
-        score = redundancy
-    elif strategy == "attention":
-        score = -attention
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
+    score = combine_scores(redundancy, attention, strategy, alpha)
     score = score.masked_fill(count < 2, float("-inf"))
 
     order = torch.sort(score, dim=1, descending=True, stable=True).indices

@@ -6,6 +6,7 @@
     fastmmoe-compile presets                              list the built-in models
     fastmmoe-compile inspect ENGINE                       show an engine's manifest
     fastmmoe-compile run ENGINE --image F --prompt P      greedy answer of a VLM engine to images + a prompt
+    fastmmoe-compile bench [--device cuda] [flags]        prefill latency and decode tokens/s, all methods side by side
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...).
@@ -17,7 +18,7 @@ import sys
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
-SUBCOMMANDS = ("diff", "flops", "presets", "inspect", "run")
+SUBCOMMANDS = ("diff", "flops", "presets", "inspect", "run", "bench")
 _LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
 
 
@@ -115,6 +116,11 @@ def _main(argv: list[str] | None) -> int:
             return _flops(argv[1:])
         if argv and argv[0] == "run":
             return _run(argv[1:])
+        if argv and argv[0] == "bench":
+            from .bench import main as bench
+
+            bench(argv[1:], prog="fastmmoe-compile bench")
+            return 0
         if argv and argv[0] == "diff":
             args = _diff_parser().parse_args(argv[1:])
             from .api import rewrite

@@ -43,3 +43,14 @@ def prompt(batch: int, seq: int, vision: slice | list, hidden: int, seed: int = 
     mask = torch.zeros(batch, seq, dtype=torch.bool)
     mask[:, vision] = True
     return embeds, mask
+
+
+def save_vlm_checkpoint(preset: str, path):
+    """A tiny VLM preset written as a user's local checkpoint: model, tokenizer, processor files."""
+    from fastmmoe_compile.models import load_model
+
+    loaded = load_model(preset)
+    loaded.vision.model.save_pretrained(path)
+    loaded.vision.tokenizer.save_pretrained(path)
+    loaded.vision.image_processor.save_pretrained(path)
+    return path

@@ -18,6 +18,7 @@ from fastmmoe_compile import FastMMoEConfig, compile_model, load_engine
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
+from .conftest import save_vlm_checkpoint
 from .reference import eager_fastmmoe
 
 PROMPT = "<image>\nWhat is in the picture?"
@@ -28,12 +29,7 @@ SIDE = 2  # tiny-deepseek-vl2: 42 px tiles of 14 px patches = 3x3, padded to 4x4
 def checkpoint(tmp_path_factory):
     """tiny-deepseek-vl2 written as the official checkpoint layout: config.json + model.safetensors
     (official weight names) + tokenizer + processor_config.json."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-deepseek-vl2"
-    loaded = load_model("tiny-deepseek-vl2")
-    loaded.vision.model.save_pretrained(path)
-    loaded.vision.tokenizer.save_pretrained(path)
-    loaded.vision.image_processor.save_pretrained(path)
-    return path
+    return save_vlm_checkpoint("tiny-deepseek-vl2", tmp_path_factory.mktemp("ckpt") / "tiny-deepseek-vl2")
 
 
 @pytest.fixture(scope="session")

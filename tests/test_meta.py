@@ -1,7 +1,6 @@
 """Real-size graphs on the meta device: export and passes without the weights in memory."""
 import resource
 
-import torch
 
 from fastmmoe_compile import FastMMoEConfig, compile_model
 from fastmmoe_compile.api import rewrite

@@ -13,6 +13,7 @@ from fastmmoe_compile import Engine, EngineFormatError, FastMMoEConfig, compile_
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
+from .conftest import save_vlm_checkpoint
 from .reference import eager_fastmmoe
 
 PROMPT = "<image>\nWhat is in the picture?"
@@ -22,12 +23,7 @@ TOKENS_PER_TILE = 16  # tiny-internvl: 112 px tiles, 14 px patches, pixel shuffl
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """tiny-internvl as a user's local checkpoint: model, tokenizer, chat template, image processor."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-internvl"
-    loaded = load_model("tiny-internvl")
-    loaded.vision.model.save_pretrained(path)
-    loaded.vision.tokenizer.save_pretrained(path)
-    loaded.vision.image_processor.save_pretrained(path)
-    return path
+    return save_vlm_checkpoint("tiny-internvl", tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
 
 
 @pytest.fixture(scope="session")

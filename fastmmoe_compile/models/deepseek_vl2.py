@@ -33,7 +33,7 @@ MODEL_TYPE = "deepseek_vl_v2"
 WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "processor_config.json"
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-IMAGE = "<image>"  # the official image token is our PLACEHOLDER
+IMAGE = PLACEHOLDER  # the official image token is our placeholder, "<image>"
 # Tokens the official processor adds, in its order, when the tokenizer lacks them.
 GROUNDING = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
