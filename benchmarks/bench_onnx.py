@@ -1,10 +1,12 @@
 """Prefill latency: the rewritten ExportedProgram (eager) vs the ONNX Runtime engine (CPU),
-unmodified vs Top-Kv, one model with the same weights and inputs (fp32).
+unmodified vs Top-Kv, one model with the same weights and inputs (fp32). Decode: ms per step of
+the one-token decode program (export/decode.py) over a cache of the prompt's length, the
+exported program vs decode.onnx under ORT, both driven by runtime/generate.decode_step.
 
 Repetitions are interleaved (the order rotates) so noise from other processes hits every
 variant alike; medians and ratios are reported. Both runtimes get the same thread count.
 
-    python benchmarks/bench_onnx.py                       # bench-qwen3-moe cut to 4 layers (~3 min on 2 cores)
+    python benchmarks/bench_onnx.py                       # bench-qwen3-moe cut to 4 layers (~4 min on 2 cores)
     python benchmarks/bench_onnx.py --layers 2 --reps 3   # a quick run
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.5, help="vision_expert_ratio")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per runtime (0: skip decode)")
     p.add_argument("--out", default="benchmarks/results/onnx_cpu.json")
     return p.parse_args(argv)
 
@@ -69,6 +72,7 @@ def main(argv=None) -> dict:
             export_s[name] = time.perf_counter() - t
             variants[("onnxruntime", name)] = OrtBackbone(path, threads=args.threads)
             log(f"[bench] onnx export {name}: {export_s[name]:.0f}s")
+        decode = bench_decode(loaded, args, Path(d), log) if args.decode_steps > 0 else None
     with torch.no_grad():
         ref = {k: fn(*inputs)[0] for k, fn in variants.items()}  # also the warm-up
         times = {k: [] for k in variants}
@@ -100,16 +104,58 @@ def main(argv=None) -> dict:
           f"{args.reps} reps (medians), onnxruntime {ort.__version__}\n")
     print("\n".join(table))
     print("\nmax |logit diff| onnxruntime vs export: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    if decode:
+        print(f"\ndecode, batch 1, cache of {seq} tokens per layer, {args.decode_steps} steps (medians): "
+              + ", ".join(f"{k} {v:.2f} ms/step" for k, v in decode["ms_per_step"].items())
+              + f"; ORT {decode['ms_per_step']['export'] / decode['ms_per_step']['onnxruntime']:.2f}x the exported "
+              f"program; max |logit diff| {decode['max_abs_logit_diff']:.2e}")
     result = {"args": vars(args), "model": loaded.describe(), "onnxruntime": ort.__version__,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "torch": torch.__version__},
-              "rows": rows, "flops": cmp, "onnx_export_s": export_s, "max_abs_logit_diff": diffs,
+              "rows": rows, "flops": cmp, "onnx_export_s": export_s, "max_abs_logit_diff": diffs, "decode": decode,
               "table": "\n".join(table)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         log(f"[bench] wrote {args.out}")
     return result
+
+
+def bench_decode(loaded, args, d: Path, log) -> dict:
+    """ms per decode step, the exported step vs decode.onnx, from one random cache of the prompt's length.
+    Top-Kv leaves decode alone (decode tokens are text tokens), so one measurement serves both variants."""
+    import copy
+
+    from fastmmoe_compile.export.decode import example_decode_inputs, export_decode
+    from fastmmoe_compile.lower.onnx import export_onnx
+    from fastmmoe_compile.runtime.generate import DecodeState, decode_step
+    from fastmmoe_compile.runtime.onnx_runtime import OrtDecodeStep
+
+    program = export_decode(loaded)
+    t = time.perf_counter()
+    steps = {"export": program.module(),
+             "onnxruntime": OrtDecodeStep(export_onnx(program, d / "decode.onnx"), threads=args.threads)}
+    log(f"[bench] onnx export decode step: {time.perf_counter() - t:.0f}s")
+    _, _, keys, values, _ = example_decode_inputs(loaded, batch=1)  # per-layer heads and widths
+    seq, capacity, g = args.text + args.vision, args.text + args.vision + args.decode_steps + 1, \
+        torch.Generator().manual_seed(1)
+    state = DecodeState([torch.randn(capacity, 1, *k.shape[2:], generator=g) for k in keys],
+                        [torch.randn(capacity, 1, *v.shape[2:], generator=g) for v in values],
+                        [torch.arange(capacity)[None] < seq for _ in keys], [seq] * len(keys), torch.tensor([seq]))
+    states = {k: copy.deepcopy(state) for k in steps}
+    embeds = [torch.randn(1, 1, loaded.config.hidden_size, generator=g) for _ in range(args.decode_steps + 1)]
+    times = {k: [] for k in steps}
+    with torch.no_grad():
+        first = {k: decode_step(fn, states[k], embeds[0]) for k, fn in steps.items()}  # also the warm-up
+        for i, x in enumerate(embeds[1:]):
+            for k in (list(steps) if i % 2 == 0 else list(steps)[::-1]):  # alternate the order
+                t = time.perf_counter()
+                decode_step(steps[k], states[k], x)
+                times[k].append(time.perf_counter() - t)
+    return {"cache_tokens": seq, "steps": args.decode_steps,
+            "ms_per_step": {k: statistics.median(ts) * 1e3 for k, ts in times.items()},
+            "all_ms": {k: [t * 1e3 for t in ts] for k, ts in times.items()},
+            "max_abs_logit_diff": (first["onnxruntime"] - first["export"]).abs().max().item()}
 
 
 if __name__ == "__main__":

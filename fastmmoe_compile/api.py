@@ -18,6 +18,7 @@ from .models import LoadedModel, load_model
 from .passes import PassRecord, apply_passes
 from .runtime.engine import BACKBONE_FILE, DECODE_FILE, EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, write_manifest
+from .runtime.onnx_runtime import DECODE_ONNX_FILE
 
 
 @contextlib.contextmanager
@@ -50,7 +51,7 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
                   quiet: bool = False, decode: bool = True) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
     without, return an engine compiled in this process with torch.compile.
-    decode=True (inductor and export backends) also compiles the one-token decode step, for generate."""
+    decode=True also compiles the one-token decode step, for generate."""
     if backend == "tensorrt":
         raise NotImplementedError("backend 'tensorrt' is not built yet: it needs TensorRT (a tensorrt extra) and a "
                                   "CUDA GPU; use 'inductor', 'onnx' or 'export'")
@@ -63,7 +64,6 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     config = config or FastMMoEConfig()
-    decode = decode and backend in ("inductor", "export")
     loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
     if loaded.on_meta:
         raise ValueError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
@@ -80,7 +80,12 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
         engine.front_end = _vision_in_process(loaded, backend, quiet)
         if decode:
             step_program = _export_decode(loaded, quiet)
-            engine.decode_step = compile_in_process(step_program) if backend == "inductor" else step_program.module()
+            if backend == "onnx":
+                engine.decode_step = _onnx_in_process(step_program, decode=True)
+            elif backend == "inductor":
+                engine.decode_step = compile_in_process(step_program)
+            else:
+                engine.decode_step = step_program.module()
         return engine
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with step(f"lower ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
@@ -99,6 +104,10 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
             with step(f"lower decode step ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
                 if backend == "inductor":
                     package_aoti(step_program, str(tmp / DECODE_FILE))
+                elif backend == "onnx":
+                    from .lower.onnx import export_onnx
+
+                    export_onnx(step_program, tmp / DECODE_ONNX_FILE)
                 else:
                     torch.export.save(step_program, str(tmp / DECODE_FILE))
         with step("write engine", quiet):
@@ -108,7 +117,8 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
             manifest = _manifest(loaded, config, record, backend)
             if decode:
-                manifest["decode"] = {"file": DECODE_FILE, "cache": "prefill returns key_l, value_l per layer"}
+                manifest["decode"] = {"file": DECODE_ONNX_FILE if backend == "onnx" else DECODE_FILE,
+                                      "cache": "prefill returns key_l, value_l per layer"}
             write_manifest(tmp, manifest)
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
@@ -125,14 +135,17 @@ def _export_decode(loaded: LoadedModel, quiet: bool):
         return export_decode(loaded)
 
 
-def _onnx_in_process(program):
-    """An ONNX Runtime session on the exported model (the files are only needed while it loads)."""
+def _onnx_in_process(program, decode: bool = False):
+    """An ONNX Runtime session on the exported model (the files are only needed while it loads):
+    the prefill backbone, or with decode=True the decode step."""
     import tempfile
 
     from .lower.onnx import export_onnx
-    from .runtime.onnx_runtime import ONNX_FILE, OrtBackbone
+    from .runtime.onnx_runtime import ONNX_FILE, OrtBackbone, OrtDecodeStep
 
     with tempfile.TemporaryDirectory(prefix="fastmmoe-onnx-") as d:
+        if decode:
+            return OrtDecodeStep(export_onnx(program, Path(d) / DECODE_ONNX_FILE))
         return OrtBackbone(export_onnx(program, Path(d) / ONNX_FILE))
 
 

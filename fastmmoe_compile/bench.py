@@ -266,24 +266,25 @@ def decode_engine(loaded, step):
 
 
 def engine_decoder(engine, prefill_out, seq: int, steps: int):
-    """A decode run from a variant's prefill output: a fresh state each call, `steps` greedy
-    tokens; returns (per-step seconds, tokens)."""
+    """start() -> step(timed) -> (seconds, token): greedy decode from a variant's prefill output,
+    a fresh state at every start."""
     from fastmmoe_compile.runtime.engine import PrefillResult
 
     logits, kept, *cache = prefill_out
     result = PrefillResult(logits, kept, [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)], seq)
 
-    def run(timed):
-        state = engine.start_decode(result, steps)
-        token, times, tokens = logits.argmax(-1), [], []
-        for _ in range(steps):
+    def start():
+        state, token = engine.start_decode(result, steps), logits.argmax(-1)
+
+        def step(timed):
+            nonlocal token
             dt, out = timed(engine.decode, state, token[:, None])
             token = out.argmax(-1)
-            times.append(dt)
-            tokens.append(int(token[0]))
-        return times, tokens
+            return dt, int(token[0])
 
-    return run
+        return step
+
+    return start
 
 
 def hf_decoder(loaded, embeds: torch.Tensor, steps: int):
@@ -298,18 +299,34 @@ def hf_decoder(loaded, embeds: torch.Tensor, steps: int):
             return loaded.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True,
                              logits_to_keep=1).logits[:, -1]
 
-    def run(timed):
+    def start():
         if cache.get_seq_length() > seq:
             cache.crop(seq - cache.get_seq_length())  # transformers 5: a negative count removes tokens
-        token, times, tokens = first.argmax(-1), [], []
-        for _ in range(steps):
+        token = first.argmax(-1)
+
+        def step(timed):
+            nonlocal token
             dt, logits = timed(one, token)
             token = logits.argmax(-1)
-            times.append(dt)
-            tokens.append(int(token[0]))
-        return times, tokens
+            return dt, int(token[0])
 
-    return run
+        return step
+
+    return start
+
+
+def decode_rep(starts: dict, steps: int, timed, rotation: int) -> tuple[dict, dict]:
+    """One rep of every decoder, interleaved step by step (the order rotates every step), so
+    that a burst of noise from other processes hits every variant alike: (seconds, tokens)."""
+    runs = {k: start() for k, start in starts.items()}
+    keys, times, tokens = list(starts), {k: [] for k in starts}, {k: [] for k in starts}
+    for s in range(steps):
+        r = (rotation + s) % len(keys)
+        for k in keys[r:] + keys[:r]:
+            dt, token = runs[k](timed)
+            times[k].append(dt)
+            tokens[k].append(token)
+    return times, tokens
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -388,18 +405,22 @@ def main(argv=None, prog=None) -> dict:
 
     decode_times, decode_tokens = {}, {}
     if decode:
-        runs = {(lowering, name): engine_decoder(decode_engines[lowering], out[(lowering, name)], seq,
-                                                 args.decode_steps)
-                for lowering, name in out if lowering in decode_engines}
+        starts = {(lowering, name): engine_decoder(decode_engines[lowering], out[(lowering, name)], seq,
+                                                   args.decode_steps)
+                  for lowering, name in out if lowering in decode_engines}
         if not args.no_hf:
-            runs[("transformers", "unmodified")] = hf_decoder(loaded, inputs[0], args.decode_steps)
-        t = time.perf_counter()
-        for k, run in runs.items():  # warm-up: torch.compile compiles (and recompiles per cache layout) here
-            decode_tokens[k] = run(timed)[1]
+            starts[("transformers", "unmodified")] = hf_decoder(loaded, inputs[0], args.decode_steps)
+        t = time.perf_counter()  # warm-up: torch.compile compiles (and recompiles per cache layout) here
+        decode_tokens = decode_rep(starts, args.decode_steps, timed, 0)[1]
         log(f"[bench] decode warm-up {time.perf_counter() - t:.0f}s")
-        per_run = interleaved({k: (lambda run=run: run(timed)[0]) for k, run in runs.items()}, args.reps, log,
-                              "decode")
-        decode_times = {k: [dt for rep in reps for dt in rep] for k, reps in per_run.items()}
+        decode_times = {k: [] for k in starts}
+        for r in range(args.reps):
+            rep_times, rep_tokens = decode_rep(starts, args.decode_steps, timed, r)
+            assert rep_tokens == decode_tokens, "greedy decode changed between repetitions"
+            for k, ts in rep_times.items():
+                decode_times[k] += ts
+            log(f"[bench] decode rep {r + 1}/{args.reps} (ms/step): " + ", ".join(
+                f"{k[0][0]}/{k[1]} {_ms(ts):.0f}" for k, ts in rep_times.items()))
         ref = decode_tokens.get(("eager", "unmodified"))
         checks["decode_tokens"] = {f"{lo}/{n}": {"same_tokens_as_eager_unmodified": tokens == ref}
                                    for (lo, n), tokens in decode_tokens.items()}

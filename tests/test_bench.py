@@ -1,5 +1,5 @@
 """Smoke test of the benchmark core (fastmmoe_compile/bench.py, `fastmmoe-compile bench`): a
-tiny model through prefill + decode timing, eager only. The decode path must give
+tiny model through prefill + decode timing, eager only, unmodified and FastV. The decode path must give
 transformers' own greedy tokens (DynamicCache) on the unmodified backbone."""
 import json
 
@@ -13,19 +13,18 @@ def test_bench_prefill_and_decode(tmp_path):
     out = tmp_path / "results"
     threads = torch.get_num_threads()
     try:
-        result = main(["--preset", "tiny-qwen3-moe", "--layers", "9", "--config-preset", "deepseek-vl2-small",
-                       "--vision", "24", "--text", "8", "--keep-ratios", "0.5", "--variants", "fastmmoe,fastv",
-                       "--reps", "1", "--decode-steps", "3", "--no-compile", "--no-profile", "--threads", "1",
-                       "--out-dir", str(out)])
+        # FastV (pruned, per-layer cache lengths) only: the merge passes take ~20 s to run on 9 layers.
+        result = main(["--preset", "tiny-qwen3-moe", "--vision", "24", "--text", "8", "--keep-ratios", "0.5",
+                       "--variants", "fastv", "--reps", "1", "--decode-steps", "3", "--no-compile", "--no-profile",
+                       "--threads", "1", "--out-dir", str(out)])
     finally:
         torch.set_num_threads(threads)
     rows = {(r["lowering"], r["variant"]): r for r in result["rows"]}
-    assert set(rows) == {("eager", v) for v in ("unmodified", "fastmmoe-50", "fastv-50")} | \
-        {("transformers", "unmodified")}
+    assert set(rows) == {("eager", "unmodified"), ("eager", "fastv-50"), ("transformers", "unmodified")}
     for r in rows.values():
         assert r["decode_steps"] == 3 and r["decode_tokens_per_s"] > 0 and r["median_ms"] > 0
-    # Merges shrink the vision tokens; the decode tokens of the unmodified engine are HF's.
-    assert rows[("eager", "fastmmoe-50")]["vision_after"] < 24 and rows[("eager", "fastv-50")]["vision_after"] == 12
+    # FastV's layers after 2 cache 12 of the 24 vision tokens; the unmodified engine decodes HF's tokens.
+    assert rows[("eager", "fastv-50")]["vision_after"] == 12
     tokens = result["decode_tokens"]
     assert tokens["eager/unmodified"] == tokens["transformers/unmodified"] and len(tokens["eager/unmodified"]) == 3
     saved = json.loads((out / "results.json").read_text())

@@ -1,7 +1,9 @@
 """The onnx backend: ONNX Runtime engines compute what the rewritten program computes (Top-Kv,
 token merging, FastV; two families; batch 1 and 2; several sequence and vision lengths), keep
 Top-Kv's savings (the grouped GEMM sees exactly the routed pairs), and pass the ONNX checker
-with full shape inference."""
+with full shape inference. Decode: the ORT decode step (decode.onnx) gives the export backend's
+logits and K/V rows, and greedy generate gives its tokens (identity; Top-Kv + merge; batches
+of different lengths)."""
 import pytest
 import torch
 
@@ -13,9 +15,12 @@ from fastmmoe_compile import FastMMoEConfig, FastVConfig, compile_model, load_en
 from fastmmoe_compile.api import rewrite  # noqa: E402
 from fastmmoe_compile.cli import main  # noqa: E402
 from fastmmoe_compile.lower.onnx import DOMAIN, export_onnx  # noqa: E402
+from fastmmoe_compile.runtime.generate import DecodeUnavailableError  # noqa: E402
 from fastmmoe_compile.runtime.onnx_runtime import OrtBackbone  # noqa: E402
 
 from .conftest import hf_last_logits, tiny_model  # noqa: E402
+from .test_decode import MERGE as DECODE_MERGE  # noqa: E402
+from .test_decode import NEW, ids_of, sharp_model  # noqa: E402
 
 TOPKV = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1)
 # Top-Kv and two merge stages; a merge ratio high enough that windows really merge (M > 0) at these N
@@ -31,7 +36,8 @@ SHAPES = [(1, 20, range(3, 11)), (2, 33, range(5, 30)), (2, 9, range(0)), (1, 16
 def onnx_engines(tmp_path_factory):
     """(loaded, program, engine dir) per case: one export each for the whole session. The first
     goes through compile_model (an engine dir, loaded by load_engine), the others straight
-    through export_onnx into a directory of their own (to save a second rewrite)."""
+    through export_onnx into a directory of their own (to save a second rewrite). Prefill only
+    (decode=False): decode is tested on the sharper models of onnx_decode_engine."""
     root = tmp_path_factory.mktemp("onnx")
     cases = {}
     for key, name, config in [("qwen3-topkv", "tiny-qwen3-moe", TOPKV), ("deepseek3-merge", "tiny-deepseek-v3", MERGE),
@@ -40,7 +46,7 @@ def onnx_engines(tmp_path_factory):
         _, program, _ = rewrite(loaded, config)
         out = root / key
         if key == "qwen3-topkv":
-            compile_model(loaded, config, out, backend="onnx", quiet=True)
+            compile_model(loaded, config, out, backend="onnx", quiet=True, decode=False)
         else:
             out.mkdir()
             export_onnx(program, out / "backbone.onnx")
@@ -124,13 +130,107 @@ def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path):
     assert reduced < full
 
 
+_EXPORT_ENGINES = {}
+
+
+def export_engine(model, config, key):
+    """The export backend's engine (the reference the ORT engines must match), once per session."""
+    if key not in _EXPORT_ENGINES:
+        _EXPORT_ENGINES[key] = compile_model(model, config, backend="export", quiet=True)
+    return _EXPORT_ENGINES[key]
+
+
+@pytest.fixture(scope="session")
+def onnx_decode_engine(tmp_path_factory):
+    """A Top-Kv + merge engine dir with decode (backbone.onnx with cache outputs, decode.onnx), loaded
+    back, on a 3-layer model with sharp weights (greedy tokens vary); the merge at layer 1 leaves
+    layer 2 a shorter cache than layers 0 and 1."""
+    model = sharp_model("tiny-qwen3-moe", layers=3)
+    out = tmp_path_factory.mktemp("onnx-decode") / "engine"
+    compile_model(model, DECODE_MERGE, out, backend="onnx", quiet=True)
+    return model, load_engine(out), export_engine(model, DECODE_MERGE, "qwen3-merge"), out
+
+
+def test_onnx_decode_step_matches_the_export_backend(onnx_decode_engine):
+    """One decode step from the same state: ORT's logits and new K/V rows within 1e-4 of the exported
+    step's. ORT's prefill cache outputs (per layer, shortened after the merge) match too."""
+    import copy
+
+    _, engine, reference, _ = onnx_decode_engine
+    assert engine.manifest["decode"]["file"] == "decode.onnx"
+    ids, vision = ids_of(24, 4)[None].expand(2, -1), torch.arange(3, 19)[None].expand(2, -1)
+    mine, theirs = engine.prefill(ids, vision_positions=vision), reference.prefill(ids, vision_positions=vision)
+    assert [k.shape[2] for k, _ in mine.cache] == [24, 24, mine.kept_positions.shape[1]] and \
+        mine.kept_positions.shape[1] < 24
+    for (k, v), (rk, rv) in zip(mine.cache, theirs.cache):
+        torch.testing.assert_close(k, rk, atol=1e-4, rtol=0)
+        torch.testing.assert_close(v, rv, atol=1e-4, rtol=0)
+    state = reference.start_decode(theirs, max_new_tokens=2)
+    twin = copy.deepcopy(state)
+    tokens = theirs.logits.argmax(-1)[:, None]
+    logits, expected = engine.decode(state, tokens), reference.decode(twin, tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    for layer, length in enumerate(state.lengths):  # the new rows, appended at each layer's own slot
+        torch.testing.assert_close(state.keys[layer][:length], twin.keys[layer][:length], atol=1e-4, rtol=0)
+        torch.testing.assert_close(state.values[layer][:length], twin.values[layer][:length], atol=1e-4, rtol=0)
+    assert state.lengths == twin.lengths and torch.equal(state.positions, twin.positions)
+
+
+def test_onnx_generate_equals_the_export_backend(onnx_decode_engine):
+    """Top-Kv + merge: a batch of three samples of different lengths and vision counts (two prefill
+    groups, padded per-layer caches) generates the export backend's tokens, token for token."""
+    model, engine, reference, _ = onnx_decode_engine
+    g = torch.Generator().manual_seed(7)
+    samples = [torch.randn(s, model.config.hidden_size, generator=g) for s in (26, 18, 26)]
+    vision = [torch.arange(3, 19), torch.arange(2, 8), torch.arange(5, 21)]
+    out = engine.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
+    expected = reference.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
+    assert [t.tolist() for t in out] == [t.tolist() for t in expected]
+    assert all(len(set(t.tolist())) > 3 for t in out)  # the tokens vary: a real comparison
+
+
+def test_onnx_decode_model_passes_the_checker(onnx_decode_engine):
+    """decode.onnx (and the cached prefill's backbone.onnx) pass full checking; the cache inputs keep
+    one dynamic length per layer, batch is shared."""
+    *_, out = onnx_decode_engine
+    for name in ("backbone.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+    model = onnx.load(str(out / "decode.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert [i.name for i in model.graph.input][:2] == ["inputs_embeds", "position_ids"]
+    assert [dims[f"keys_{i}"][:2] for i in range(3)] == [["cache_0", "batch"], ["cache_1", "batch"],
+                                                         ["cache_2", "batch"]]
+    assert dims["masks_2"] == ["batch", "cache_2"]
+    assert [o.name for o in model.graph.output] == ["logits", *(f"new_key_{i}" for i in range(3)),
+                                                    *(f"new_value_{i}" for i in range(3))]
+    backbone = onnx.load(str(out / "backbone.onnx"))
+    assert [o.name for o in backbone.graph.output][:4] == ["logits", "kept_positions", "key_0", "value_0"]
+
+
 def test_onnx_identity_config_in_process():
-    """Kv == K through compile_model without out= (an in-process ORT session): the HF model."""
-    loaded = tiny_model("tiny-qwen3-moe")
-    engine = compile_model(loaded, FastMMoEConfig(vision_expert_ratio=1.0), backend="onnx", quiet=True)
-    embeds, positions = _inputs(loaded, 2, 24, range(2, 20))
+    """Kv == K through compile_model without out= (in-process ORT sessions), on deepseek_v3 (MLA caches
+    of unequal key and value widths): prefill equals the HF model, generate equals the export backend."""
+    model = sharp_model("tiny-deepseek-v3", layers=2)  # layer 0 dense, layer 1 MoE
+    config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=1.0)
+    engine = compile_model(model, config, backend="onnx", quiet=True)
+    embeds, positions = _inputs(model, 2, 24, range(2, 20))
     result = engine.prefill(inputs_embeds=embeds, vision_positions=positions)
-    torch.testing.assert_close(result.logits, hf_last_logits(loaded, embeds), atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.logits, hf_last_logits(model, embeds), atol=1e-4, rtol=0)
+    prompts, vision = [ids_of(12, 1), ids_of(9, 2)], [torch.arange(2, 8), None]
+    out = engine.generate(prompts, vision_positions=vision, max_new_tokens=NEW)
+    expected = export_engine(model, config, "deepseek3-identity").generate(prompts, vision_positions=vision,
+                                                                           max_new_tokens=NEW)
+    assert [t.tolist() for t in out] == [t.tolist() for t in expected]
+
+
+def test_onnx_engine_without_decode(onnx_engines):
+    """decode=False: prefill-only (no decode.onnx, no cache outputs); generate says what to do."""
+    _, _, out = onnx_engines["qwen3-topkv"]
+    engine = load_engine(out)
+    assert "decode" not in engine.manifest and not (out / "decode.onnx").exists()
+    assert engine.prefill(ids_of(6, 0)[None]).cache is None
+    with pytest.raises(DecodeUnavailableError, match="no decode program"):
+        engine.generate(ids_of(6, 0), max_new_tokens=4)
 
 
 def test_unsupported_onnx_inputs_fail_cleanly(tmp_path, capsys):

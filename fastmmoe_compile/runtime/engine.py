@@ -193,6 +193,10 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
             engine.decode_step = aoti_load_package(decode_file)
         elif backend == "export":
             engine.decode_step = torch.export.load(decode_file).module()
+        elif backend == "onnx":
+            from .onnx_runtime import OrtDecodeStep
+
+            engine.decode_step = OrtDecodeStep(decode_file)
     from .multimodal import load_front_end
 
     engine.front_end = load_front_end(path, manifest)

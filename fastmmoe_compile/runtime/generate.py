@@ -49,7 +49,7 @@ def start_state(results: Sequence, max_new_tokens: int) -> DecodeState:
         if getattr(r, "cache", None) is None or getattr(r, "prompt_length", None) is None:
             raise DecodeUnavailableError(
                 "this prefill result carries no KV cache: the engine was compiled without a decode program "
-                "(before decode existed, with decode=False, or for the onnx backend); recompile it to decode")
+                "(before decode existed, or with decode=False / --no-decode); recompile it to decode")
     layers = len(results[0].cache)
     if any(len(r.cache) != layers for r in results):
         raise ValueError("prefill results come from engines with different layer counts")
