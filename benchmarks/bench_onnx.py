@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fastmmoe_compile.bench import interleaved, timer
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_topkv import build  # noqa: E402  (the same preset builder, with --layers)
 
@@ -75,14 +77,9 @@ def main(argv=None) -> dict:
         decode = bench_decode(loaded, args, Path(d), log) if args.decode_steps > 0 else None
     with torch.no_grad():
         ref = {k: fn(*inputs)[0] for k, fn in variants.items()}  # also the warm-up
-        times = {k: [] for k in variants}
-        keys = list(variants)
-        for r in range(args.reps):
-            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-                t = time.perf_counter()
-                variants[k](*inputs)
-                times[k].append(time.perf_counter() - t)
-            log(f"[bench] rep {r + 1}/{args.reps}: " + ", ".join(f"{'/'.join(k)} {times[k][-1] * 1e3:.0f}ms" for k in keys))
+        timed = timer(torch.device("cpu"))  # interleaved reps, the order rotated every rep
+        times = interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in variants.items()},
+                            args.reps, log, "prefill")
 
     cmp = flops.compare(loaded, config, args.text, args.vision)
     rows = []

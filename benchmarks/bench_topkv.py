@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fastmmoe_compile.bench import interleaved, timer
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,21 +45,10 @@ def parse_args(argv=None):
 
 
 def build(preset: str, layers: int | None):
-    from fastmmoe_compile.models import load_model
-    from fastmmoe_compile.models.presets import PRESETS
-    from fastmmoe_compile.models.registry import FAMILIES, LoadedModel
+    """The preset's fp32 model on the CPU, optionally cut to `layers` (fastmmoe_compile.bench.build)."""
+    from fastmmoe_compile.bench import build as build_on
 
-    if layers is None:
-        return load_model(preset)
-    from transformers import AutoModelForCausalLM
-
-    p = PRESETS[preset]
-    config = p.make_config()
-    config.num_hidden_layers = layers
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p.seed)
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return LoadedModel(lm.eval(), FAMILIES[p.model_type], f"{preset} ({layers} layers)")
+    return build_on(preset, layers, torch.device("cpu"))
 
 
 def profile_table(fn, inputs, rows: int = 18) -> str:
@@ -108,14 +99,9 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup - 1):
             for fn in variants.values():
                 fn(*inputs)
-        times = {k: [] for k in variants}
-        keys = list(variants)
-        for r in range(args.reps):
-            for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate the order
-                t = time.perf_counter()
-                variants[k](*inputs)
-                times[k].append(time.perf_counter() - t)
-            log(f"[bench] rep {r + 1}/{args.reps}: " + ", ".join(f"{'/'.join(k)} {times[k][-1] * 1e3:.0f}ms" for k in keys))
+        timed = timer(torch.device("cpu"))  # interleaved reps, the order rotated every rep
+        times = interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in variants.items()},
+                            args.reps, log, "prefill")
 
     cmp = flops.compare(loaded, config, args.text, args.vision)
     rows = []

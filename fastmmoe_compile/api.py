@@ -18,7 +18,7 @@ from .models import LoadedModel, load_model
 from .passes import PassRecord, apply_passes
 from .runtime.engine import BACKBONE_FILE, DECODE_FILE, EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, write_manifest
-from .runtime.onnx_runtime import DECODE_ONNX_FILE
+from .runtime.onnx_runtime import DECODE_ONNX_FILE, ONNX_FILE
 
 
 @contextlib.contextmanager
@@ -89,27 +89,12 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
         return engine
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with step(f"lower ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
-            if backend == "inductor":
-                package_aoti(program, str(tmp / BACKBONE_FILE))
-            elif backend == "onnx":
-                from .lower.onnx import export_onnx
-                from .runtime.onnx_runtime import ONNX_FILE
-
-                export_onnx(program, tmp / ONNX_FILE)
-            else:
-                torch.export.save(program, str(tmp / BACKBONE_FILE))
+            _write_program(program, backend, tmp, BACKBONE_FILE, ONNX_FILE)
         _write_vision(loaded, tmp, backend, quiet)
         if decode:
             step_program = _export_decode(loaded, quiet)
             with step(f"lower decode step ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
-                if backend == "inductor":
-                    package_aoti(step_program, str(tmp / DECODE_FILE))
-                elif backend == "onnx":
-                    from .lower.onnx import export_onnx
-
-                    export_onnx(step_program, tmp / DECODE_ONNX_FILE)
-                else:
-                    torch.export.save(step_program, str(tmp / DECODE_FILE))
+                _write_program(step_program, backend, tmp, DECODE_FILE, DECODE_ONNX_FILE)
         with step("write engine", quiet):
             from safetensors.torch import save_file
 
@@ -181,6 +166,18 @@ def _write_vision(loaded: LoadedModel, tmp: Path, backend: str, quiet: bool) -> 
     if loaded.vision.tokenizer is not None and loaded.vision.image_processor is not None:
         loaded.vision.tokenizer.save_pretrained(str(tmp / PROCESSOR_DIR))
         loaded.vision.image_processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+
+
+def _write_program(program, backend: str, tmp: Path, pt2_name: str, onnx_name: str) -> None:
+    """One program into the engine dir, in the backend's format."""
+    if backend == "inductor":
+        package_aoti(program, str(tmp / pt2_name))
+    elif backend == "onnx":
+        from .lower.onnx import export_onnx
+
+        export_onnx(program, tmp / onnx_name)
+    else:
+        torch.export.save(program, str(tmp / pt2_name))
 
 
 def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str) -> dict:
