@@ -153,6 +153,15 @@ class DeepseekVL2(nn.Module):
 # --- official weight names <-> ours --------------------------------------------------
 _VIT = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
         "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+# Whole-module renames (official prefix -> ours), used in both directions.
+_PREFIXES = {"vision.patch_embed.proj.": "vision.embeddings.patch_embedding.", "vision.norm.": "vision.post_layernorm."}
+
+
+def _rename_prefix(name: str, table: dict) -> str | None:
+    for old, new in table.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
 
 
 def from_official(state: dict) -> dict:
@@ -165,10 +174,8 @@ def from_official(state: dict) -> dict:
             out[name] = t
         elif name == "vision.pos_embed":
             out["vision.embeddings.position_embedding.weight"] = t.reshape(t.shape[-2], t.shape[-1])
-        elif name.startswith("vision.patch_embed.proj."):
-            out["vision.embeddings.patch_embedding." + name.rsplit(".", 1)[1]] = t
-        elif name.startswith("vision.norm."):
-            out["vision.post_layernorm." + name.rsplit(".", 1)[1]] = t
+        elif (ours := _rename_prefix(name, _PREFIXES)) is not None:
+            out[ours] = t
         elif name.startswith("vision.blocks."):
             i, rest = name[len("vision.blocks."):].split(".", 1)
             layer = f"vision.encoder.layers.{i}."
@@ -208,10 +215,8 @@ def to_official(state: dict) -> dict:
             continue
         if name == "vision.embeddings.position_embedding.weight":
             out["vision.pos_embed"] = t[None]
-        elif name.startswith("vision.embeddings.patch_embedding."):
-            out["vision.patch_embed.proj." + name.rsplit(".", 1)[1]] = t
-        elif name.startswith("vision.post_layernorm."):
-            out["vision.norm." + name.rsplit(".", 1)[1]] = t
+        elif (official := _rename_prefix(name, {v: k for k, v in _PREFIXES.items()})) is not None:
+            out[official] = t
         elif name.startswith("vision.encoder.layers."):
             i, rest = name[len("vision.encoder.layers."):].split(".", 1)
             module, kind = rest.rsplit(".", 1)
