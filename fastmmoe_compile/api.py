@@ -72,20 +72,11 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
     embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:
         with step(f"lower ({'ONNX Runtime' if backend == 'onnx' else 'torch.compile'})", quiet):
-            if backend == "onnx":
-                fn = _onnx_in_process(program)
-            else:
-                fn = compile_in_process(program) if backend == "inductor" else program.module()
+            fn = _in_process(program, backend)
         engine = Engine(lambda *a: tuple(fn(*a)), info, embeddings, _manifest(loaded, config, record, backend))
         engine.front_end = _vision_in_process(loaded, backend, quiet)
         if decode:
-            step_program = _export_decode(loaded, quiet)
-            if backend == "onnx":
-                engine.decode_step = _onnx_in_process(step_program, decode=True)
-            elif backend == "inductor":
-                engine.decode_step = compile_in_process(step_program)
-            else:
-                engine.decode_step = step_program.module()
+            engine.decode_step = _in_process(_export_decode(loaded, quiet), backend, decode=True)
         return engine
     with atomic_directory(out, overwrite=overwrite) as tmp:
         with step(f"lower ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
@@ -120,6 +111,13 @@ def _export_decode(loaded: LoadedModel, quiet: bool):
         return export_decode(loaded)
 
 
+def _in_process(program, backend: str, decode: bool = False):
+    """A program lowered in this process, as the engine calls it (backend as compile_model's)."""
+    if backend == "onnx":
+        return _onnx_in_process(program, decode)
+    return compile_in_process(program) if backend == "inductor" else program.module()
+
+
 def _onnx_in_process(program, decode: bool = False):
     """An ONNX Runtime session on the exported model (the files are only needed while it loads):
     the prefill backbone, or with decode=True the decode step."""
@@ -143,7 +141,7 @@ def _vision_in_process(loaded: LoadedModel, backend: str, quiet: bool):
 
     with step("export vision encoder", quiet):
         program = export_vision(loaded)
-    encoder = compile_in_process(program) if backend == "inductor" else program.module()
+    encoder = _in_process(program, "inductor" if backend == "inductor" else "export")  # no ONNX vision encoder yet
     v = loaded.vision
     return FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
 

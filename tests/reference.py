@@ -18,6 +18,8 @@ def normalises(config) -> bool:
         return True
     if config.model_type == "deepseek_v2":
         return False  # DeepSeek-V2 ignores norm_topk_prob
+    if config.model_type == "qwen3_vl_moe_text":
+        return True  # its router always renormalises (no norm_topk_prob)
     return bool(getattr(config, "norm_topk_prob", False))
 
 
@@ -83,7 +85,8 @@ def eager_topkv(lm, vision_mask, reduce_from_layer: int, kv: int):
 def router_probabilities(lm, layer, normed: torch.Tensor) -> torch.Tensor:
     """The layer's routing distribution over all E experts: its own scoring function."""
     logits = layer.mlp.gate(normed.reshape(-1, normed.shape[-1]))[0].float()
-    return logits.sigmoid() if lm.config.model_type in ("deepseek_v3", "glm4_moe") else logits.softmax(dim=-1)
+    sigmoid = ("deepseek_v3", "glm4_moe", "glm4v_moe_text")
+    return logits.sigmoid() if lm.config.model_type in sigmoid else logits.softmax(dim=-1)
 
 
 def reference_stage(h, p, a, vision: list[bool], ratio, merge_ratio, window, alpha, strategy, method):
@@ -134,10 +137,28 @@ def reference_stage(h, p, a, vision: list[bool], ratio, merge_ratio, window, alp
     return keep, torch.stack(rows), [vision[i] for i in keep]
 
 
-def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
+def rotary_positions(rope_positions, b: int, positions: list[int]) -> torch.Tensor:
+    """The rotary position ids of sample b's kept tokens: [1, S'] (0..S-1 originally), or with
+    multimodal rotary positions rope_positions [3, B, S] their columns [3, 1, S']."""
+    if rope_positions is None:
+        return torch.tensor(positions)[None]
+    return rope_positions[:, b, positions][:, None, :]
+
+
+def with_deepstack(h, deepstack, index: int, b: int, positions: list[int]) -> torch.Tensor:
+    """After decoder layer `index`: DeepStack (Qwen3-VL) adds deepstack [D, B, S, H] (zero at text
+    positions) for index < D, each kept token taking its own original position's feature."""
+    if deepstack is None or index >= deepstack.shape[0]:
+        return h
+    return h + deepstack[index, b, positions][None].to(h.dtype)
+
+
+def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None):
     """The whole prefill per spec sections 1-2, one sample at a time, eager attention.
 
     stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
+    rope_positions: optional [3, B, S] multimodal rotary positions (gathered with the kept tokens).
+    deepstack: optional [D, B, S, H] features added after layers 0..D-1 (with_deepstack).
     Returns (last-token logits [B, V], kept original positions per sample)."""
     model = lm.model
     previous_attn = lm.config._attn_implementation
@@ -150,12 +171,13 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
             vision = vision_mask[b].tolist()
             with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(vision), reduce_from_layer, kv):
                 for index, layer in enumerate(model.layers):
-                    pos = torch.tensor(positions)[None]
+                    pos = rotary_positions(rope_positions, b, positions)
                     rope = model.rotary_emb(h, position_ids=pos)  # rotary of the kept original positions
                     seq = h.shape[1]
                     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
                     if index not in stages:
                         h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
+                        h = with_deepstack(h, deepstack, index, b, positions)
                         continue
                     attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
                                                         position_embeddings=rope, attention_mask=causal)
@@ -166,6 +188,7 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
                     positions = [positions[i] for i in keep]
                     h = h0[None]
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
+                    h = with_deepstack(h, deepstack, index, b, positions)
                 all_logits.append(lm.lm_head(model.norm(h))[:, -1])
                 all_kept.append(positions)
     finally:
@@ -175,13 +198,16 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages):
 
 # --- Decode after a pruned prefill (design.md: each layer attends to its own cache) -----
 
-def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_new_tokens):
+def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_new_tokens, rope_positions=None,
+                   deepstack=None):
     """Greedy new tokens per sample, one sample at a time, eager attention, HF layers one by one.
 
     Prefill as eager_fastmmoe, with a DynamicCache whose layer l receives the keys and values of
     the tokens that reached layer l (so its length differs per layer after a merge). Then one token
     at a time: every layer attends to its own cache, the rotary position of the t-th new token is
-    the ORIGINAL prompt length + t, and new tokens are text tokens (plain top-K)."""
+    the ORIGINAL prompt length + t, and new tokens are text tokens (plain top-K).
+    With rope_positions [3, B, S] the prefill uses them, and the t-th new token is at their max + 1 + t.
+    deepstack [D, B, S, H]: as in eager_fastmmoe (prefill only; new tokens are text tokens)."""
     from transformers import DynamicCache
 
     model = lm.model
@@ -192,19 +218,21 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
         for b in range(embeds.shape[0]):
             h = embeds[b:b + 1]
             prompt_length = h.shape[1]
+            start = prompt_length if rope_positions is None else int(rope_positions[:, b].max()) + 1
             positions = list(range(prompt_length))
             flags = {"vision": vision_mask[b].tolist()}
             cache = DynamicCache(config=lm.config)
             tokens = []
             with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(flags["vision"]), reduce_from_layer, kv):
                 for index, layer in enumerate(model.layers):
-                    pos = torch.tensor(positions)[None]
+                    pos = rotary_positions(rope_positions, b, positions)
                     rope = model.rotary_emb(h, position_ids=pos)
                     seq = h.shape[1]
                     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
                     if index not in stages:
                         h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope,
                                   past_key_values=cache)
+                        h = with_deepstack(h, deepstack, index, b, positions)
                         continue
                     attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
                                                         position_embeddings=rope, attention_mask=causal,
@@ -216,12 +244,13 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
                     positions = [positions[i] for i in keep]
                     h = h0[None]
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
+                    h = with_deepstack(h, deepstack, index, b, positions)
                 token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
                 tokens.append(token)
                 flags["vision"] = [False]
                 for t in range(1, max_new_tokens):
                     h = model.embed_tokens(torch.tensor([[token]]))
-                    pos = torch.tensor([[prompt_length + t - 1]])
+                    pos = torch.tensor([[start + t - 1]])
                     rope = model.rotary_emb(h, position_ids=pos)
                     for layer in model.layers:
                         h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope,

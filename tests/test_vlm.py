@@ -106,11 +106,16 @@ def test_batch_of_prompts(identity_engine, images):
         torch.testing.assert_close(batch.logits[i:i + 1], single.logits, atol=1e-5, rtol=0)
 
 
-def test_merge_engine_matches_eager_reference(loaded, images):
-    """Top-Kv + token merging on the real image tokens == the spec's eager reference."""
+@pytest.fixture(scope="session")
+def merge_engine(loaded):
     config = FastMMoEConfig(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(1, 3), keep_ratio=0.25,
                             merge_ratio=0.25, window=3, alpha=0.4)
-    engine = compile_model(loaded, config, backend="export", quiet=True, decode=False)  # in process
+    return compile_model(loaded, config, backend="export", quiet=True)  # in process
+
+
+def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
+    """Top-Kv + token merging on the real image tokens == the spec's eager reference."""
+    engine = merge_engine
     prepared = engine.prepare([images[0]], PROMPT)
     result = engine.prefill(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions)
     mask = prepared.input_ids == loaded.vision.model.config.image_token_id
@@ -123,6 +128,28 @@ def test_merge_engine_matches_eager_reference(loaded, images):
     with torch.no_grad():  # and the reduction did change the answer
         hf = loaded.vision.model(input_ids=prepared.input_ids, pixel_values=prepared.pixel_values).logits[:, -1]
     assert (result.logits - hf).abs().max() > 20 * 1e-4
+
+
+@pytest.mark.parametrize("which", ["identity", "merge"])
+def test_batch_of_different_image_sizes_in_one_call(which, identity_engine, merge_engine, images, tmp_path):
+    """Three prompts whose images tile differently (4, 1 and 3 tiles: different lengths and image-token
+    counts) in ONE generate_text call: each answer == its answer alone."""
+    from fastmmoe_compile.runtime.multimodal import generate_text
+
+    engine = identity_engine if which == "identity" else merge_engine
+    tall = tmp_path / "tall.png"
+    Image.fromarray((np.random.RandomState(1).rand(200, 100, 3) * 255).astype("uint8")).save(tall)
+    imgs = [images[0], images[1], tall]
+    prompts = [PROMPT, "<image> Describe it.", "Read <image> please."]
+    prepared = engine.prepare(imgs, prompts)
+    assert not prepared.batched and len({len(t) for t in prepared.input_ids}) == 3
+    assert prepared.tiles_per_image == [[4], [1], [3]]
+    together = generate_text(engine, imgs, prompts, max_new_tokens=8)
+    alone = [generate_text(engine, [im], p, max_new_tokens=8)[0] for im, p in zip(imgs, prompts)]
+    assert together == alone
+    new = engine.generate(**prepared.backbone_inputs(), max_new_tokens=8)  # tokens, not just their text
+    for i, (im, p) in enumerate(zip(imgs, prompts)):
+        assert new[i].tolist() == engine.generate(**engine.prepare([im], p).backbone_inputs(), max_new_tokens=8)[0].tolist()
 
 
 def hf_greedy(model, input_ids, pixel_values, steps: int) -> list[int]:
@@ -190,8 +217,8 @@ def test_bad_inputs_are_clear_errors(identity_engine, images, tmp_path):
         engine.prepare([images[0]], "What is in the picture?")
     with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
         engine.prepare(None, PROMPT)
-    with pytest.raises(ValueError, match="same length"):
-        engine.prepare([images[0], images[1]], [PROMPT, PROMPT])
+    with pytest.raises(ValueError, match="different shapes.*generate"):
+        engine.prefill(images=[images[0], images[1]], prompts=[PROMPT, PROMPT])
     with pytest.raises(ValueError, match="prompts= .*alone"):
         engine.prefill(torch.zeros(1, 4, dtype=torch.long), prompts=PROMPT)
     facts = engine.front_end.facts
@@ -210,9 +237,9 @@ def test_engine_for_another_vision_family_is_refused(identity_engine, tmp_path):
     foreign = tmp_path / "foreign"
     shutil.copytree(identity_engine.path, foreign)
     manifest = json.loads((foreign / "manifest.json").read_text())
-    manifest["vision"]["family"] = "qwen3_vl_moe"
+    manifest["vision"]["family"] = "llava_onevision"  # a family this version does not run
     (foreign / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineFormatError, match="vision family 'qwen3_vl_moe'"):
+    with pytest.raises(EngineFormatError, match="vision family 'llava_onevision'"):
         load_engine(foreign)
 
 

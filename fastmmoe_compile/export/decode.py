@@ -95,7 +95,7 @@ class DecodeStep(torch.nn.Module):
     def __init__(self, loaded: LoadedModel):
         super().__init__()
         self.lm = loaded.lm
-        self._decoder = loaded.family.decoder
+        self._family = loaded.family
         self._attention = attention_modules(loaded)  # a plain list: not registered twice
 
     def forward(self, inputs_embeds, position_ids, keys: list, values: list, masks: list):
@@ -109,8 +109,7 @@ class DecodeStep(torch.nn.Module):
             additive.append(torch.zeros(full.shape, dtype=inputs_embeds.dtype, device=full.device)
                             .masked_fill(~full, torch.finfo(inputs_embeds.dtype).min)[:, None, None, :])
         with injected_cache(self._attention, cache, additive):
-            hidden = self._decoder(self.lm)(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                            use_cache=False).last_hidden_state
+            hidden = self._family.run_decoder(self.lm, inputs_embeds, position_ids=position_ids)
         logits = self.lm.lm_head(hidden[:, -1])
         n = len(self._attention)
         return logits, [cache.new[i][0] for i in range(n)], [cache.new[i][1] for i in range(n)]
@@ -123,9 +122,9 @@ def example_decode_inputs(loaded: LoadedModel, batch: int = 2):
     seq = 4
     with injected_cache(attention_modules(loaded), prefill), torch.no_grad(), \
             owned_dispatch(loaded.family.experts_modules(loaded.lm)):
-        loaded.family.decoder(loaded.lm)(
-            inputs_embeds=torch.zeros(batch, seq, loaded.config.hidden_size, dtype=param.dtype, device=param.device),
-            use_cache=False)
+        loaded.family.run_decoder(
+            loaded.lm, torch.zeros(batch, seq, loaded.config.hidden_size, dtype=param.dtype, device=param.device),
+            position_ids=torch.arange(seq, device=param.device).expand(batch, seq))
     keys, values, masks = [], [], []
     for i in range(len(prefill.entries)):
         k, v = prefill.entries[i]

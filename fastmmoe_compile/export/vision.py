@@ -3,13 +3,15 @@
     (pixel_values [T, 3, h, w]) -> image features [T, tokens_per_tile, H_text]
 
 The tile size is fixed by the model; T (tiles of every image of a prompt, thumbnails
-included) is dynamic up to the family's max_tiles. No pass touches this graph: it is
-lowered as it is, next to the backbone.
+included) is dynamic up to the family's max_tiles. Families with other encoder inputs
+(Qwen3-VL: patches of one image + precomputed grid tables) say so through
+VLMFamily.vision_export_inputs. No pass touches this graph: it is lowered as it is,
+next to the backbone.
 """
 from __future__ import annotations
 
 import torch
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 
 from ..models.registry import LoadedModel
 
@@ -23,9 +25,6 @@ def export_vision(loaded: LoadedModel) -> ExportedProgram:
     encoder = vision.encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    param = next(encoder.parameters())
-    height, width = vision.describe()["image_size"]
-    example = torch.zeros(2, 3, height, width, dtype=param.dtype, device=param.device)
-    tiles = Dim("T", min=1, max=vision.family.max_tiles)
-    with torch.no_grad():
-        return torch.export.export(encoder, (example,), dynamic_shapes={"pixel_values": {0: tiles}}, strict=False)
+    args, dynamic = vision.family.vision_export_inputs(encoder, vision.describe())
+    with torch.no_grad(), vision.family.export_context():
+        return torch.export.export(encoder, args, dynamic_shapes=dynamic, strict=False)

@@ -103,9 +103,10 @@ def _names(program: ExportedProgram) -> tuple[list[str] | None, dict[str, dict[i
     inputs = list(program.graph_signature.user_inputs)
     outputs = len(program.graph_signature.user_outputs)
     caches = [f"{kind}_{i}" for i in range((outputs - 2) // 2) for kind in ("key", "value")]
-    if inputs == ["inputs_embeds", "vision_positions"] and outputs % 2 == 0:  # export/capture.py's Backbone
-        axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "vision_positions": {0: "batch", 1: "vision"}}
-        return ["logits", "kept_positions", *caches], axes
+    if inputs[:2] == ["inputs_embeds", "vision_positions"] and outputs % 2 == 0:  # export/capture.py's Backbone
+        axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "vision_positions": {0: "batch", 1: "vision"},
+                "rope_positions": {1: "batch", 2: "sequence"}, "deepstack": {1: "batch", 2: "sequence"}}
+        return ["logits", "kept_positions", *caches], {name: axes[name] for name in inputs}
     if inputs[:2] == ["inputs_embeds", "position_ids"] and outputs % 2 == 1:  # export/decode.py's DecodeStep
         layers = (outputs - 1) // 2
         axes = {"inputs_embeds": {0: "batch"}, **{f"keys_{i}": {0: f"cache_{i}"} for i in range(layers)}}

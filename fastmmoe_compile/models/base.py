@@ -22,6 +22,11 @@ class MoEFamily:
     tiny_config: Callable[[], object]  # a small random config of this family, for tests and presets
     experts_attr: str = "num_experts"  # the config attribute that holds E
     shared_experts: str = "none"  # shared-expert structure, in words
+    # Inputs the exported prefill backbone takes after (inputs_embeds, vision_positions), in this order:
+    #   "rope_positions" [3, B, S] int64: multimodal rotary positions (temporal, height, width; Qwen3-VL, GLM-4.5V)
+    #   "deepstack" [D, B, S, H]: visual features added to the residual stream after decoder layers 0..D-1,
+    #       zero at text positions (Qwen3-VL). Sequence-indexed, so a merge gathers them like any other.
+    extra_inputs: tuple[str, ...] = ()
 
     # --- facts read off a config -------------------------------------------------
     def num_experts(self, config) -> int:
@@ -33,9 +38,20 @@ class MoEFamily:
     def num_layers(self, config) -> int:
         return int(config.num_hidden_layers)
 
+    def deepstack_layers(self, config) -> int:
+        """D of the "deepstack" input (0: the family takes none)."""
+        return 0
+
     # --- where things are in a *ForCausalLM module ------------------------------
     def decoder(self, lm: torch.nn.Module) -> torch.nn.Module:
         return lm.model
+
+    def run_decoder(self, lm: torch.nn.Module, inputs_embeds: torch.Tensor, position_ids=None,
+                    **extras: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state [B, S, H]. position_ids: None (0..S-1) or [B, S] (decode);
+        extras: this family's extra_inputs by name (prefill only)."""
+        return self.decoder(lm)(inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
 
     def moe_blocks(self, lm: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         """(layer index, MoE block) for every routed-MoE layer; dense layers are skipped."""

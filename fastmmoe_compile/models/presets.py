@@ -114,6 +114,30 @@ def _tiny_deepseek_vl2_processing():
     return tiny_processing()
 
 
+def _tiny_glm4v_moe():
+    from .glm4v_moe import tiny_config
+
+    return tiny_config()
+
+
+def _tiny_glm4v_moe_processing():
+    from .glm4v_moe import tiny_processing
+
+    return tiny_processing()
+
+
+def _tiny_qwen3_vl_moe():
+    from .qwen3_vl_moe import tiny_config
+
+    return tiny_config()
+
+
+def _tiny_qwen3_vl_moe_processing():
+    from .qwen3_vl_moe import tiny_processing
+
+    return tiny_processing()
+
+
 def _internvl35_30b_a3b():
     from transformers import InternVLConfig
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -150,11 +174,21 @@ PRESETS.update({
                "InternVL layout: 2-layer InternViT (112 px tiles, 16 tokens each) + 4-layer qwen3_moe, "
                "8 experts top-4, with a byte-level tokenizer, chat template and image processor",
                _tiny_internvl, make_processing=_tiny_internvl_processing),
+        Preset("tiny-qwen3-vl-moe", "qwen3_vl_moe", "tiny random",
+               "Qwen3-VL-MoE layout: 3-block ViT (8 px patches, 2x2 merge, deepstack from 2 blocks, any image "
+               "size) + 4-layer qwen3_vl_moe_text with 3D rotary positions, 8 experts top-4, with a byte-level "
+               "tokenizer, chat template and image processor",
+               _tiny_qwen3_vl_moe, make_processing=_tiny_qwen3_vl_moe_processing),
         Preset("tiny-deepseek-vl2", "deepseek_vl_v2", "tiny random",
                "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
                "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
                "tokenizer and the official image processor config",
                _tiny_deepseek_vl2, make_processing=_tiny_deepseek_vl2_processing),
+        Preset("tiny-glm4v-moe", "glm4v_moe", "tiny random",
+               "GLM-4.5V layout: 2-layer GLM ViT (4 px patches, 2x2 merge, any image size up to 48x48 px) + "
+               "a 3-layer glm4v_moe_text (first layer dense, 8 experts top-4 in 2 groups, 3D rotary), with a "
+               "byte-level tokenizer, chat template and image processor",
+               _tiny_glm4v_moe, make_processing=_tiny_glm4v_moe_processing),
         Preset("internvl3.5-30b-a3b", "internvl", "real-size shape (meta)",
                "InternVL3.5-30B-A3B: InternViT-300M (448 px tiles, 256 tokens each) + the 30B-A3B backbone",
                _internvl35_30b_a3b),

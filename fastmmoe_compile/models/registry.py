@@ -6,20 +6,24 @@ from dataclasses import dataclass
 
 import torch
 
-from . import deepseek, deepseek_vl2, internvl, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, deepseek_vl2, internvl, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_vl_moe
+from . import glm4v_moe
 from .base import MoEFamily
 from .vlm import VisionParts, VLMFamily
 
 FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
     for f in (
-        qwen3_moe.FAMILY, qwen2_moe.FAMILY, olmoe.FAMILY, mixtral.FAMILY,
+        qwen3_moe.FAMILY, qwen2_moe.FAMILY, olmoe.FAMILY, mixtral.FAMILY, qwen3_vl_moe.TEXT_FAMILY,
         deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3, deepseek.GLM4_MOE,
+        glm4v_moe.TEXT_FAMILY,
     )
 }
 
 # Vision-language families: a vision encoder in front of one of the MoE backbones above.
-VLM_FAMILIES: dict[str, VLMFamily] = {f.model_type: f for f in (internvl.FAMILY, deepseek_vl2.FAMILY)}
+VLM_FAMILIES: dict[str, VLMFamily] = {
+    f.model_type: f for f in (internvl.FAMILY, deepseek_vl2.FAMILY, qwen3_vl_moe.FAMILY, glm4v_moe.FAMILY)
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -53,6 +57,8 @@ class LoadedModel:
             "hidden_size": int(c.hidden_size),
             "vocab_size": int(c.vocab_size),
             "dtype": str(next(self.lm.parameters()).dtype).replace("torch.", ""),
+            **({"extra_inputs": list(self.family.extra_inputs),
+                "deepstack_layers": self.family.deepstack_layers(c)} if self.family.extra_inputs else {}),
         }
 
 

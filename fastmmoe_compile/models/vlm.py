@@ -91,11 +91,45 @@ class VLMFamily:
         or tiles()'s third item)."""
         raise NotImplementedError
 
+    def encode(self, encoder, pixel_values, layouts: list, facts: dict) -> list:
+        """Run the engine's compiled vision encoder on the pixel inputs of a batch (tiles()'s first
+        items, concatenated over prompts; layouts: every image's, in order) -> its outputs, a list.
+        Default: one call on all tiles."""
+        outputs = encoder(pixel_values.contiguous())
+        return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
     def arrange(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor:
         """The vision encoder's outputs -> the image-token embeddings [N, H] in prompt order.
         Default: the features [T, tokens_per_tile, H], tile by tile."""
         features = outputs[0]
         return features.reshape(-1, features.shape[-1])
+
+    def deepstack(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor | None:
+        """Families whose backbone takes "deepstack": the per-layer visual features [D, N, H] of the
+        image tokens, in prompt order (the runtime places them at the image-token positions)."""
+        return None
+
+    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict):
+        """Families whose backbone takes "rope_positions": one sample's input_ids [S] and its images'
+        layouts -> ([3, S] int64 rotary positions, the position of the first generated token)."""
+        raise NotImplementedError
+
+    # --- export of the vision encoder (export/vision.py) ----------------------------------
+    def vision_export_inputs(self, encoder: torch.nn.Module, facts: dict) -> tuple[tuple, dict]:
+        """(example args, dynamic_shapes) for torch.export of the encoder. Default: pixel tiles
+        [T, 3, h, w] with a dynamic tile count T."""
+        from torch.export import Dim
+
+        param = next(encoder.parameters())
+        height, width = facts["image_size"]
+        example = torch.zeros(2, 3, height, width, dtype=param.dtype, device=param.device)
+        return (example,), {"pixel_values": {0: Dim("T", min=1, max=self.max_tiles)}}
+
+    def export_context(self):
+        """A context manager around the encoder's torch.export (e.g. transformers' export patches)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def share_modules(shell: torch.nn.Module, **modules: torch.nn.Module) -> torch.nn.Module:

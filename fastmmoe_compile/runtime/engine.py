@@ -26,7 +26,9 @@ class PrefillResult:
     logits: torch.Tensor  # [B, vocab]: next-token logits at the last position
     kept_positions: torch.Tensor  # [B, S']: original positions of the tokens that reached the last layer
     cache: list | None = None  # per layer (key, value) [B, heads, S_l, dim]: the tokens that reached layer l
-    prompt_length: int | None = None  # S: decode positions continue from here
+    prompt_length: int | None = None  # S
+    next_positions: torch.Tensor | None = None  # [B]: rotary position of each sample's first new token
+    # (S, or with multimodal rotary positions their largest + 1); decode continues from here
 
 
 class Engine:
@@ -64,15 +66,24 @@ class Engine:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None,
-                vision_positions: torch.Tensor | None = None, images=None, prompts=None,
+                vision_positions: torch.Tensor | None = None, rope_positions: torch.Tensor | None = None,
+                deepstack: torch.Tensor | None = None, images=None, prompts=None,
                 chat: bool = True) -> PrefillResult:
         """Run the prompt. Vision tokens are marked by a [B, S] bool mask or given as [B, N] positions.
+        Engines of families with multimodal rotary positions / deepstack features also take
+        rope_positions [3, B, S] (default: 0..S-1 on all three) and deepstack [D, B, S, H] (default 0).
         VLM engines also take prompts= (and images=), see prepare()."""
         if prompts is not None or images is not None:
-            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_mask, vision_positions)):
+            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_mask, vision_positions,
+                                                              rope_positions, deepstack)):
                 raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
             prepared = self.prepare(images, prompts, chat=chat)
+            if not prepared.batched:
+                raise ValueError(f"the prompts tokenize to different shapes (lengths "
+                                 f"{[len(x) for x in prepared.input_ids]}): one prefill call takes one shape; "
+                                 "use generate_text / engine.generate, which batch them, or prefill them one at a time")
             inputs_embeds, vision_positions = prepared.inputs_embeds, prepared.vision_positions
+            rope_positions, deepstack = prepared.rope_positions, prepared.deepstack
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -86,9 +97,35 @@ class Engine:
         if seq < 2:
             raise ValueError("the prompt must have at least 2 tokens")
         positions = vision_positions_of(batch, seq, vision_mask, vision_positions)
-        logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions)
+        extras = self._extra_inputs(batch, seq, rope_positions, deepstack)
+        logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions, *extras)
         pairs = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] if cache else None
-        return PrefillResult(logits, kept, pairs, seq)
+        if rope_positions is None:
+            next_positions = torch.full((batch,), seq, dtype=torch.long)
+        else:  # as HF's rope deltas: decode continues after the largest position of the prompt
+            next_positions = rope_positions.amax(dim=(0, 2)) + 1
+        return PrefillResult(logits, kept, pairs, seq, next_positions)
+
+    def _extra_inputs(self, batch: int, seq: int, rope_positions, deepstack) -> list[torch.Tensor]:
+        """The backbone's inputs after the vision positions (MoEFamily.extra_inputs), checked or defaulted."""
+        names = self.info.get("extra_inputs", [])
+        given = {"rope_positions": rope_positions, "deepstack": deepstack}
+        for name, value in given.items():
+            if value is not None and name not in names:
+                raise ValueError(f"this {self.info.get('model_type')} engine takes no {name}")
+        hidden, layers = self.info["hidden_size"], self.info.get("deepstack_layers", 0)
+        shapes = {"rope_positions": (3, batch, seq), "deepstack": (layers, batch, seq, hidden)}
+        out = []
+        for name in names:
+            value = given[name]
+            if value is None:  # a text-only prompt: plain positions, no visual features
+                value = (torch.arange(seq).expand(3, batch, seq) if name == "rope_positions"
+                         else torch.zeros(shapes[name], dtype=self.dtype))
+            value = torch.as_tensor(value)
+            if tuple(value.shape) != shapes[name]:
+                raise ValueError(f"{name} must be {list(shapes[name])}, got {list(value.shape)}")
+            out.append(value.to(torch.long if name == "rope_positions" else self.dtype).contiguous())
+        return out
 
     def no_decode_message(self) -> str:
         where = f"{self.path}" if self.path else "this engine"
@@ -122,16 +159,19 @@ class Engine:
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-                 max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
+                 rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None,
+                 stream: bool = False):
         """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
-        embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask).
+        embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
+        engines that take them, rope_positions ([3, B, S] or [3, S] each) and deepstack ([D, B, S, H]
+        or [D, S, H] each). Samples of equal shapes share one prefill call; all share each decode step.
         Returns each sample's new tokens (1-D LongTensors, ending at eos), or with stream=True an
         iterator yielding, per step, a list of each sample's new token (None once it has ended)."""
         from .generate import generate
 
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
-                        vision_mask=vision_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        stream=stream)
+                        vision_mask=vision_mask, rope_positions=rope_positions, deepstack=deepstack,
+                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stream=stream)
 
 
 def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torch.Tensor:
@@ -169,18 +209,14 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
     path = Path(path)
     manifest = read_manifest(path, verify_hashes=verify_hashes)
     backend = manifest.get("backend")
-    if backend == "inductor":
-        from torch._inductor import aoti_load_package
-
-        backbone = aoti_load_package(str(path / BACKBONE_FILE))
-    elif backend == "export":
-        backbone = torch.export.load(str(path / BACKBONE_FILE)).module()
-    elif backend == "onnx":
-        from .onnx_runtime import ONNX_FILE, OrtBackbone
-
-        backbone = OrtBackbone(path / ONNX_FILE)
-    else:
+    if backend not in ("inductor", "export", "onnx"):
         raise EngineFormatError(f"{path}: unknown backend {backend!r} in the manifest")
+    if backend == "onnx":
+        from .onnx_runtime import ONNX_FILE
+
+        backbone = load_program(path / ONNX_FILE, backend)
+    else:
+        backbone = load_program(path / BACKBONE_FILE, backend)
     embeddings = None
     if (path / EMBEDDINGS_FILE).is_file():
         from safetensors.torch import load_file
@@ -188,19 +224,25 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
         embeddings = load_file(str(path / EMBEDDINGS_FILE))["weight"]
     engine = Engine(_as_tuple(backbone), manifest["model"], embeddings, manifest, path)
     if manifest.get("decode"):
-        decode_file = str(path / manifest["decode"]["file"])
-        if backend == "inductor":
-            engine.decode_step = aoti_load_package(decode_file)
-        elif backend == "export":
-            engine.decode_step = torch.export.load(decode_file).module()
-        elif backend == "onnx":
-            from .onnx_runtime import OrtDecodeStep
-
-            engine.decode_step = OrtDecodeStep(decode_file)
+        engine.decode_step = load_program(path / manifest["decode"]["file"], backend, decode=True)
     from .multimodal import load_front_end
 
     engine.front_end = load_front_end(path, manifest)
     return engine
+
+
+def load_program(file: Path, backend: str, decode: bool = False) -> Callable:
+    """One program file of an engine dir as a callable: an AOTInductor package ("inductor"), a
+    torch.export archive ("export") or an ONNX model ("onnx": the prefill backbone, or the decode step)."""
+    if backend == "inductor":
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(file))
+    if backend == "export":
+        return torch.export.load(str(file)).module()
+    from .onnx_runtime import OrtBackbone, OrtDecodeStep
+
+    return OrtDecodeStep(file) if decode else OrtBackbone(file)
 
 
 def _as_tuple(fn):

@@ -75,6 +75,7 @@ def start_state(results: Sequence, max_new_tokens: int) -> DecodeState:
         masks.append(mask)
         lengths.append(longest)
     positions = torch.cat([torch.full((r.logits.shape[0],), int(r.prompt_length), dtype=torch.long)
+                           if getattr(r, "next_positions", None) is None else r.next_positions.to(torch.long)
                            for r in results])
     return DecodeState(keys, values, masks, lengths, positions)
 
@@ -108,8 +109,9 @@ def decode_step(step, state: DecodeState, inputs_embeds: torch.Tensor) -> torch.
 
 # --- inputs: one sample or many, of different lengths ---------------------------------
 
-def _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask):
-    """[(embeds [S, H], vision positions [N])] from batched tensors or per-sample lists."""
+def _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask, rope_positions=None, deepstack=None):
+    """[(embeds [S, H], vision positions [N], extras {name: per-sample tensor})] from batched tensors
+    or per-sample lists (extras: rope_positions [3, S], deepstack [D, S, H])."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if vision_positions is not None and vision_mask is not None:
@@ -148,7 +150,19 @@ def _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask):
                                                 torch.as_tensor(v, dtype=torch.long).reshape(1, -1))
         except ValueError as err:
             raise ValueError(f"sample {i}: {err}") from None
-        out.append((e, positions[0]))
+        out.append((e, positions[0], {}))
+    for name, value in (("rope_positions", rope_positions), ("deepstack", deepstack)):
+        if value is None:
+            continue
+        rows = list(value.unbind(1)) if isinstance(value, torch.Tensor) else list(value)  # batch is dim 1
+        if len(rows) != len(out):
+            raise ValueError(f"{len(out)} samples but {name} for {len(rows)}")
+        for (e, _, extras), row in zip(out, rows):
+            row = torch.as_tensor(row)
+            if row.dim() < 2 or row.shape[1] != e.shape[0]:
+                raise ValueError(f"{name}: each sample's must have its sequence length {e.shape[0]} on dim 1, "
+                                 f"got {list(row.shape)}")
+            extras[name] = row
     return out
 
 
@@ -176,21 +190,27 @@ def prefill_samples(engine, samples, max_new_tokens: int):
     """Prefill samples grouped by (S, N) (the prefill program needs equal shapes in a batch) and
     return the first tokens' logits [B, V] and a decode state, both in sample order."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (e, v) in enumerate(samples):
+    for i, (e, v, _) in enumerate(samples):
         groups.setdefault((e.shape[0], v.shape[0]), []).append(i)
     per_sample = [None] * len(samples)
     for rows in groups.values():
+        names = samples[rows[0]][2].keys()
+        if any(samples[i][2].keys() != names for i in rows):
+            raise ValueError("give rope_positions / deepstack for every sample or for none")
+        extras = {name: torch.stack([samples[i][2][name] for i in rows], dim=1) for name in names}
         result = engine.prefill(inputs_embeds=torch.stack([samples[i][0] for i in rows]),
-                                vision_positions=torch.stack([samples[i][1] for i in rows]))
+                                vision_positions=torch.stack([samples[i][1] for i in rows]), **extras)
         for j, i in enumerate(rows):
             per_sample[i] = _row(result, j)
     logits = torch.cat([r.logits for r in per_sample])
-    return logits, start_state(per_sample, max_new_tokens)
+    # The first new token comes from prefill: max_new_tokens - 1 decode steps follow.
+    return logits, start_state(per_sample, max(1, max_new_tokens - 1))
 
 
 def _row(result, j):
     cache = None if result.cache is None else [(k[j:j + 1], v[j:j + 1]) for k, v in result.cache]
-    return type(result)(result.logits[j:j + 1], result.kept_positions[j:j + 1], cache, result.prompt_length)
+    return type(result)(result.logits[j:j + 1], result.kept_positions[j:j + 1], cache, result.prompt_length,
+                        None if result.next_positions is None else result.next_positions[j:j + 1])
 
 
 def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[list]:
@@ -213,8 +233,8 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[
 
 
 def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
-    samples = _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask)
+             rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
+    samples = _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask, rope_positions, deepstack)
     if engine.embeddings is None:
         raise ValueError("this engine was built without its token embeddings: it cannot feed generated tokens back")
     if engine.decode_step is None and max_new_tokens > 1:

@@ -18,17 +18,35 @@ import torch
 
 from .manifest import EngineFormatError
 
+# MROPE_RUNTIME_READY: prepare() feeds rope_positions / deepstack (VLMFamily hooks) to the backbone.
+
 VISION_FILE = "vision.pt2"
 PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor files, save_pretrained layout
 
 
 @dataclass
 class Prepared:
-    input_ids: torch.Tensor  # [B, S]
-    inputs_embeds: torch.Tensor  # [B, S, H]
-    vision_positions: torch.Tensor  # [B, N]: the image-feature tokens
-    pixel_values: torch.Tensor | None  # [T, 3, h, w]: every tile of every image, in prompt order
+    """The backbone's inputs for a batch of prompts. When every sample has the same length and
+    image-token count they are batched tensors ([B, ...]); otherwise per-sample lists (the batch
+    dimension dropped), which generate() takes as they are and prefill() refuses."""
+
+    input_ids: torch.Tensor | list  # [B, S]
+    inputs_embeds: torch.Tensor | list  # [B, S, H]
+    vision_positions: torch.Tensor | list  # [B, N]: the image-feature tokens
+    pixel_values: torch.Tensor | None  # every image's pixel input (tiles [T, 3, h, w], or patches), in prompt order
     tiles_per_image: list[list[int]]  # per sample, per image
+    rope_positions: torch.Tensor | list | None = None  # [3, B, S]: engines with multimodal rotary positions
+    deepstack: torch.Tensor | list | None = None  # [D, B, S, H]: engines with deepstack features
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.input_ids, torch.Tensor)
+
+    def backbone_inputs(self) -> dict:
+        """Keyword arguments for engine.prefill / engine.generate."""
+        extras = {k: v for k, v in (("rope_positions", self.rope_positions), ("deepstack", self.deepstack))
+                  if v is not None}
+        return {"inputs_embeds": self.inputs_embeds, "vision_positions": self.vision_positions, **extras}
 
 
 class FrontEnd:
@@ -75,27 +93,42 @@ class FrontEnd:
                              f"takes at most {self.facts['max_tiles']} per call: pass fewer images")
         per_sample_tiles = [tiles[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
         texts = [self.family.expand(self.tokenizer, t, n, self.facts) for t, n in zip(texts, per_sample_layouts)]
-        ids = self.tokenizer(texts)["input_ids"]
-        if len({len(x) for x in ids}) > 1:
-            raise ValueError(f"prompts of a batch must tokenize to the same length, got {[len(x) for x in ids]} "
-                             "(the engine takes no padding mask): run them one at a time")
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        embeds = engine.embed(input_ids)
-        mask = input_ids == self.facts["image_token_id"]
+        ids = [torch.tensor(x, dtype=torch.long) for x in self.tokenizer(texts)["input_ids"]]
+        masks = [x == self.facts["image_token_id"] for x in ids]
+        embeds = [engine.embed(x[None])[0] for x in ids]
+        extra = engine.info.get("extra_inputs", [])
+        features = deepstack = None
         if pixel_values is not None:
-            outputs = self.encoder(pixel_values.to(engine.dtype).contiguous())
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            features = self.family.arrange(outputs, layouts, self.facts).to(embeds.dtype)
-            if features.shape[0] != int(mask.sum()):
-                raise ValueError(f"{int(mask.sum())} image tokens in the prompt for {features.shape[0]} image features")
-            embeds = embeds.clone()
-            embeds[mask] = features  # row-major, as HF's masked_scatter
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"every sample of a batch must have the same number of image tokens, got "
-                             f"{counts.tolist()}: run them one at a time")
-        positions = mask.nonzero()[:, 1].reshape(len(ids), int(counts[0])).contiguous()
-        return Prepared(input_ids, embeds, positions, pixel_values, per_sample_tiles)
+            outputs = self.family.encode(self.encoder, pixel_values.to(engine.dtype), layouts, self.facts)
+            features = self.family.arrange(outputs, layouts, self.facts).to(engine.dtype)
+            total = sum(int(m.sum()) for m in masks)
+            if features.shape[0] != total:
+                raise ValueError(f"{total} image tokens in the prompts for {features.shape[0]} image features")
+            if "deepstack" in extra:
+                deepstack = self.family.deepstack(outputs, layouts, self.facts).to(engine.dtype)  # [D, N, H]
+        rope, deep, offset = [], [], 0
+        for i, (x, mask) in enumerate(zip(ids, masks)):
+            n = int(mask.sum())
+            if n:
+                embeds[i] = embeds[i].clone()
+                embeds[i][mask] = features[offset:offset + n]  # row-major, as HF's masked_scatter
+            if "deepstack" in extra:
+                layers = int(engine.info["deepstack_layers"])
+                deep.append(embeds[i].new_zeros(layers, x.shape[0], embeds[i].shape[-1]))
+                if n:
+                    deep[-1][:, mask] = deepstack[:, offset:offset + n]
+            if "rope_positions" in extra:
+                rope.append(self.family.rope_positions(x, per_sample_layouts[i], self.facts)[0] if n
+                            else torch.arange(x.shape[0]).expand(3, -1))
+            offset += n
+        positions = [m.nonzero()[:, 0] for m in masks]
+        prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles,
+                            rope or None, deep or None)
+        if len({x.shape[0] for x in ids}) == 1 and len({p.shape[0] for p in positions}) == 1:
+            prepared = Prepared(torch.stack(ids), torch.stack(embeds), torch.stack(positions), pixel_values,
+                                per_sample_tiles, torch.stack(rope, dim=1) if rope else None,
+                                torch.stack(deep, dim=1) if deep else None)
+        return prepared
 
 
 def _batch(images, prompts) -> tuple[list[str], list[list]]:
@@ -146,12 +179,10 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
     if family is None:
         raise EngineFormatError(f"{path}: vision family {facts.get('family')!r} is not one this fastmmoe-compile "
                                 f"runs (known: {', '.join(VLM_FAMILIES)})")
-    if manifest.get("backend") == "inductor":
-        from torch._inductor import aoti_load_package
+    from .engine import load_program
 
-        encoder = aoti_load_package(str(path / VISION_FILE))
-    else:
-        encoder = torch.export.load(str(path / VISION_FILE)).module()
+    # The vision encoder is an AOTInductor package in inductor engines, else a torch.export archive.
+    encoder = load_program(path / VISION_FILE, "inductor" if manifest.get("backend") == "inductor" else "export")
     tokenizer = image_processor = None
     if (path / PROCESSOR_DIR).is_dir():
         tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)
@@ -160,8 +191,8 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
 
 def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped) to image + prompt inputs, per prompt."""
-    prepared = engine.prepare(images, prompts, chat=chat)
+    prepared = engine.prepare(images, prompts, chat=chat)  # prompts of different shapes: per-sample lists
     tokenizer = engine.front_end.tokenizer
-    new = engine.generate(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions,
-                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    new = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
+                          eos_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in new]
