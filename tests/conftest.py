@@ -54,3 +54,85 @@ def save_vlm_checkpoint(preset: str, path):
     loaded.vision.tokenizer.save_pretrained(path)
     loaded.vision.image_processor.save_pretrained(path)
     return path
+
+
+def write_images(directory, sizes: dict, seed: int = 0) -> dict:
+    """Random RGB PNG files {name: path} of the given (height, width) pixel sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    paths = {}
+    for name, (h, w) in sizes.items():
+        paths[name] = directory / f"{name}.png"
+        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(paths[name])
+    return paths
+
+
+def vlm_fixtures(preset: str, image_sizes: dict):
+    """Session fixtures (checkpoint, loaded, images, identity_engine) for a tiny VLM preset; a test
+    module takes them with `checkpoint, loaded, images, identity_engine = vlm_fixtures(...)`.
+    - checkpoint: the preset written as a user's local checkpoint dir (model, tokenizer, processor);
+    - loaded: load_model of that dir; images: write_images(image_sizes), a list of PNG paths;
+    - identity_engine: Kv = K (so it must be the HF model), built by the CLI from the checkpoint
+      with the exported-program backend (fast to build; AOTInductor builds are the slow tests')."""
+
+    @pytest.fixture(scope="session")
+    def checkpoint(tmp_path_factory):
+        return save_vlm_checkpoint(preset, tmp_path_factory.mktemp("ckpt") / preset)
+
+    @pytest.fixture(scope="session")
+    def loaded(checkpoint):
+        from fastmmoe_compile.models import load_model
+
+        return load_model(str(checkpoint))
+
+    @pytest.fixture(scope="session")
+    def images(tmp_path_factory):
+        return list(write_images(tmp_path_factory.mktemp("images"), image_sizes).values())
+
+    @pytest.fixture(scope="session")
+    def identity_engine(checkpoint, tmp_path_factory):
+        return cli_identity_engine(checkpoint, tmp_path_factory.mktemp("engines") / "identity")
+
+    return checkpoint, loaded, images, identity_engine
+
+
+def cli_identity_engine(checkpoint, out):
+    """Kv = K (the engine must be the HF model), built by the CLI from a checkpoint dir with the
+    exported-program backend."""
+    from fastmmoe_compile import load_engine
+    from fastmmoe_compile.cli import main
+
+    assert main([str(checkpoint), "--out", str(out), "--backend", "export", "--vision-expert-ratio", "1.0",
+                 "--quiet"]) == 0
+    return load_engine(out)
+
+
+def processor_without_video(processor_class, loaded, **kwargs):
+    """transformers' own processor of a VLM (InternVLProcessor, Qwen3VLProcessor, ...) built from the
+    loaded tokenizer and image processor, without the video processor it insists on (that one needs
+    torchvision, which the CPU torch here cannot have)."""
+
+    class Processor(processor_class):
+        def check_argument_for_proper_class(self, name, arg):
+            return None
+
+    tokenizer = loaded.vision.tokenizer
+    return Processor(image_processor=loaded.vision.image_processor, tokenizer=tokenizer, video_processor=None,
+                     chat_template=tokenizer.chat_template, **kwargs)
+
+
+def check_common_bad_inputs(engine, image, prompt: str, tmp_path):
+    """The errors every VLM engine gives the same way: a missing file, a file that is no image, and
+    a placeholder count that does not match the images (both ways)."""
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        engine.prepare([tmp_path / "missing.png"], prompt)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file"):
+        engine.prepare([not_image], prompt)
+    with pytest.raises(ValueError, match="0 <image> placeholder"):
+        engine.prepare([image], prompt.replace("<image>", ""))
+    with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
+        engine.prepare(None, prompt)

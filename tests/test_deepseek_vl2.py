@@ -18,7 +18,7 @@ from fastmmoe_compile import FastMMoEConfig, compile_model, load_engine
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
-from .conftest import save_vlm_checkpoint
+from .conftest import cli_identity_engine, save_vlm_checkpoint, write_images
 from .reference import eager_fastmmoe
 
 PROMPT = "<image>\nWhat is in the picture?"
@@ -40,21 +40,12 @@ def loaded(checkpoint):
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """wide: 1x3 local tiles; square: 2x2; small: 1x1 (every candidate keeps all its pixels: least padding)."""
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.RandomState(0)
-    paths = {}
-    for name, (h, w) in (("wide", (40, 100)), ("square", (90, 90)), ("small", (30, 30))):
-        paths[name] = d / f"{name}.png"
-        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(paths[name])
-    return paths
+    return write_images(tmp_path_factory.mktemp("images"), {"wide": (40, 100), "square": (90, 90), "small": (30, 30)})
 
 
 @pytest.fixture(scope="session")
 def identity_engine(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "identity"
-    assert main([str(checkpoint), "--out", str(out), "--backend", "export", "--vision-expert-ratio", "1.0",
-                 "--quiet"]) == 0
-    return load_engine(out)
+    return cli_identity_engine(checkpoint, tmp_path_factory.mktemp("engines") / "identity")
 
 
 # --- the official forward, re-implemented from the official code's math ------------------------

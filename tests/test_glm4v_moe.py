@@ -6,52 +6,24 @@ invariance over image sizes, and the bad-input errors."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fastmmoe_compile import EngineFormatError, FastMMoEConfig, compile_model, load_engine
 from fastmmoe_compile.cli import main
-from fastmmoe_compile.models import load_model
-from fastmmoe_compile.models.glm4v_moe import FAMILY, rope_index
+from fastmmoe_compile.models.glm4v_moe import FAMILY
+from fastmmoe_compile.models.grid_vlm import rope_index
 from fastmmoe_compile.runtime.multimodal import generate_text
 
-from .conftest import save_vlm_checkpoint
+from .conftest import check_common_bad_inputs, processor_without_video, vlm_fixtures
 from .reference import eager_fastmmoe, eager_generate
 
 PROMPT = "<image>\nWhat is in the picture?"
-SIZES = {"tall.png": (40, 24), "wide.png": (16, 48), "small.png": (16, 16)}  # (h, w) px -> 10x6, 4x12, 4x4 patches
+SIZES = {"tall": (40, 24), "wide": (16, 48), "small": (16, 16)}  # (h, w) px -> 10x6, 4x12, 4x4 patches
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return save_vlm_checkpoint("tiny-glm4v-moe", tmp_path_factory.mktemp("ckpt") / "tiny-glm4v-moe")
-
-
-@pytest.fixture(scope="session")
-def loaded(checkpoint):
-    return load_model(str(checkpoint))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("glm-images")
-    rng = np.random.RandomState(0)
-    paths = []
-    for name, (h, w) in SIZES.items():
-        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(d / name)
-        paths.append(d / name)
-    return paths
-
-
-@pytest.fixture(scope="session")
-def identity_engine(checkpoint, tmp_path_factory):
-    """Kv = K: the engine must be the HF model. Built by the CLI, exported-program backend."""
-    out = tmp_path_factory.mktemp("glm-engines") / "identity"
-    assert main([str(checkpoint), "--out", str(out), "--backend", "export", "--vision-expert-ratio", "1.0",
-                 "--quiet"]) == 0
-    return load_engine(out)
+checkpoint, loaded, images, identity_engine = vlm_fixtures("tiny-glm4v-moe", SIZES)
 
 
 def grids_of(loaded, paths) -> list:
@@ -82,14 +54,7 @@ def test_input_side_matches_transformers_processor(identity_engine, loaded, imag
     """input_ids, patches and grids == Glm4vProcessor's; rope positions == HF's get_rope_index."""
     from transformers import Glm4vProcessor
 
-    class Processor(Glm4vProcessor):
-        # Glm4vProcessor insists on a video processor class, which needs torchvision; we pass none.
-        def check_argument_for_proper_class(self, name, arg):
-            return None
-
-    tokenizer, image_processor = loaded.vision.tokenizer, loaded.vision.image_processor
-    processor = Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                          chat_template=tokenizer.chat_template)
+    processor = processor_without_video(Glm4vProcessor, loaded)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "image"},
                                              {"type": "text", "text": "\nCompare them."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -123,12 +88,13 @@ def test_exported_encoder_is_get_image_features(identity_engine, loaded, images)
     """The engine's vision program (one image per call, dynamic patch count) == HF's, per image size."""
     prepared = identity_engine.prepare(images[:2], "<image><image>")
     grids = grids_of(loaded, images[:2])
-    ours = FAMILY.encode(identity_engine.front_end.encoder, prepared.pixel_values, grids,
-                         identity_engine.front_end.facts)
+    features = FAMILY.encode(identity_engine.front_end.encoder, prepared.pixel_values, grids,
+                             identity_engine.front_end.facts)[0]
     with torch.no_grad():
         hf = loaded.vision.model.model.get_image_features(prepared.pixel_values,
                                                           torch.tensor(grids)).pooler_output
-    assert [tuple(f.shape) for f in ours] == [(15, 64), (12, 64)]
+    ours = features.split([15, 12])  # the images' tokens, in order
+    assert features.shape == (27, 64) and len(hf) == 2
     for a, b in zip(ours, hf):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -209,18 +175,9 @@ def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
 
 def test_bad_inputs_are_clear_errors(identity_engine, images, tmp_path):
     engine = identity_engine
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        engine.prepare([tmp_path / "missing.png"], PROMPT)
-    not_image = tmp_path / "notes.png"
-    not_image.write_text("not an image")
-    with pytest.raises(ValueError, match="not an image file"):
-        engine.prepare([not_image], PROMPT)
+    check_common_bad_inputs(engine, images[0], PROMPT, tmp_path)
     with pytest.raises(ValueError, match="image processor rejected.*aspect ratio"):
         engine.prepare([Image.new("RGB", (900, 4))], PROMPT)
-    with pytest.raises(ValueError, match="0 <image> placeholder"):
-        engine.prepare([images[0]], "What is in the picture?")
-    with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
-        engine.prepare(None, PROMPT)
     with pytest.raises(ValueError, match="rope_positions must be \\[3, 1, 5\\]"):
         engine.prefill(torch.zeros(1, 5, dtype=torch.long), rope_positions=torch.zeros(3, 1, 4, dtype=torch.long))
     facts = engine.front_end.facts

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmmoe_compile import EngineFormatError, FastMMoEConfig, compile_model, load_engine
+from fastmmoe_compile import EngineFormatError, FastMMoEConfig, compile_model
 from fastmmoe_compile.api import rewrite
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 from fastmmoe_compile.models.qwen3_vl_moe import FAMILY, additive_deepstack
 from fastmmoe_compile.runtime.multimodal import generate_text
 
-from .conftest import hf_last_logits, prompt, save_vlm_checkpoint, tiny_model
+from .conftest import (check_common_bad_inputs, hf_last_logits, processor_without_video, prompt, tiny_model,
+                       vlm_fixtures)
 from .reference import eager_fastmmoe, eager_generate, eager_topkv
 
 PROMPT = "<image>\nWhat is in the picture?"
@@ -27,35 +28,7 @@ MERGE = FastMMoEConfig(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layer
 STAGE = (0.5, 0.25, 3, 0.4, "hybrid", "mlerp")
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """tiny-qwen3-vl-moe as a user's local checkpoint: model, tokenizer, chat template, image processor."""
-    return save_vlm_checkpoint("tiny-qwen3-vl-moe", tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl-moe")
-
-
-@pytest.fixture(scope="session")
-def loaded(checkpoint):
-    return load_model(str(checkpoint))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.RandomState(0)
-    paths = []
-    for name, (h, w) in SIZES.items():
-        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(d / f"{name}.png")
-        paths.append(d / f"{name}.png")
-    return paths
-
-
-@pytest.fixture(scope="session")
-def identity_engine(checkpoint, tmp_path_factory):
-    """Kv = K: must be the HF model. Built by the CLI from the checkpoint dir (exported-program backend)."""
-    out = tmp_path_factory.mktemp("engines") / "identity"
-    assert main([str(checkpoint), "--out", str(out), "--backend", "export", "--vision-expert-ratio", "1.0",
-                 "--quiet"]) == 0
-    return load_engine(out)
+checkpoint, loaded, images, identity_engine = vlm_fixtures("tiny-qwen3-vl-moe", SIZES)
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +40,7 @@ def hf_processor(loaded):
     """transformers' own Qwen3VLProcessor, without a video processor (that one needs torchvision)."""
     from transformers import Qwen3VLProcessor
 
-    class Processor(Qwen3VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            return None
-
-    tokenizer = loaded.vision.tokenizer
-    return Processor(image_processor=loaded.vision.image_processor, tokenizer=tokenizer, video_processor=None,
-                     chat_template=tokenizer.chat_template)
+    return processor_without_video(Qwen3VLProcessor, loaded)
 
 
 def hf_inputs(loaded, paths, text_parts):
@@ -265,23 +232,14 @@ def test_text_only_preset_builds():
 
 def test_bad_inputs_are_clear_errors(identity_engine, images, tmp_path):
     engine = identity_engine
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        engine.prepare([tmp_path / "missing.png"], PROMPT)
-    not_image = tmp_path / "notes.png"
-    not_image.write_text("not an image")
-    with pytest.raises(ValueError, match="not an image file"):
-        engine.prepare([not_image], PROMPT)
+    check_common_bad_inputs(engine, images[0], PROMPT, tmp_path)
     sliver = tmp_path / "sliver.png"  # aspect ratio > 200: Qwen's smart_resize refuses it
     Image.fromarray(np.zeros((1, 300, 3), dtype=np.uint8)).save(sliver)
     with pytest.raises(ValueError, match="image processor rejected.*aspect ratio"):
         engine.prepare([sliver], PROMPT)
-    with pytest.raises(ValueError, match="0 <image> placeholder"):
-        engine.prepare([images[0]], "What is in the picture?")
-    with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
-        engine.prepare(None, PROMPT)
     with pytest.raises(ValueError, match="2 <\\|image_pad\\|> tokens for 1 images"):
         engine.prepare([images[0]], "<image> <|image_pad|>", chat=False)  # a raw image token in the text
-    with pytest.raises(ValueError, match="image run of 3 tokens for a grid of 16"):
+    with pytest.raises(ValueError, match="3 image tokens for a 1x4x4 merged grid"):
         FAMILY.rope_positions(torch.tensor([1, 261, 261, 261, 2]), [(1, 8, 8)], engine.front_end.facts)
     facts = engine.front_end.facts
     engine.front_end.facts = {**facts, "max_tiles": 2}  # as an engine whose encoder takes 2 images per call
@@ -302,3 +260,13 @@ def test_engine_for_another_vision_family_is_refused(identity_engine):
     manifest["vision"]["family"] = "qwen2_5_vl"
     with pytest.raises(EngineFormatError, match="vision family 'qwen2_5_vl'"):
         load_front_end(identity_engine.path, manifest)
+
+
+def test_real_size_preset_on_meta():
+    """qwen3-vl-30b-a3b is shapes only: the 30B backbone's facts, 3 deepstack levels, 16 px patches."""
+    loaded = load_model("qwen3-vl-30b-a3b")
+    assert loaded.on_meta
+    info = loaded.describe()
+    assert (info["num_layers"], info["num_experts"], info["top_k"], info["hidden_size"]) == (48, 128, 8, 2048)
+    assert info["extra_inputs"] == ["rope_positions", "deepstack"] and info["deepstack_layers"] == 3
+    assert loaded.vision.describe()["patch_dim"] == 3 * 2 * 16 * 16

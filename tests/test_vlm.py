@@ -13,44 +13,15 @@ from fastmmoe_compile import Engine, EngineFormatError, FastMMoEConfig, compile_
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
-from .conftest import save_vlm_checkpoint
+from .conftest import check_common_bad_inputs, processor_without_video, vlm_fixtures
 from .reference import eager_fastmmoe
 
 PROMPT = "<image>\nWhat is in the picture?"
 TOKENS_PER_TILE = 16  # tiny-internvl: 112 px tiles, 14 px patches, pixel shuffle 0.5
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """tiny-internvl as a user's local checkpoint: model, tokenizer, chat template, image processor."""
-    return save_vlm_checkpoint("tiny-internvl", tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
-
-
-@pytest.fixture(scope="session")
-def loaded(checkpoint):
-    return load_model(str(checkpoint))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    """A wide image (3x1 grid + thumbnail = 4 tiles) and a square one (1 tile), as PNG files."""
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.RandomState(0)
-    paths = []
-    for name, (h, w) in (("wide.png", (100, 250)), ("square.png", (80, 80))):
-        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(d / name)
-        paths.append(d / name)
-    return paths
-
-
-@pytest.fixture(scope="session")
-def identity_engine(checkpoint, tmp_path_factory):
-    """Kv = K, so the engine must be the HF model; built by the CLI from the checkpoint dir, with the
-    exported-program backend (fast to build; the AOTInductor build is the slow test's)."""
-    out = tmp_path_factory.mktemp("engines") / "identity"
-    assert main([str(checkpoint), "--out", str(out), "--backend", "export", "--vision-expert-ratio", "1.0",
-                 "--quiet"]) == 0
-    return load_engine(out)
+# A wide image (3x1 grid + thumbnail = 4 tiles) and a square one (1 tile).
+checkpoint, loaded, images, identity_engine = vlm_fixtures("tiny-internvl", {"wide": (100, 250), "square": (80, 80)})
 
 
 def test_load_gives_the_backbone_and_the_vision_parts(loaded):
@@ -65,14 +36,7 @@ def test_expansion_matches_transformers_processor(identity_engine, loaded, image
     """input_ids and pixel tiles equal what InternVLProcessor itself produces."""
     from transformers import InternVLProcessor
 
-    class Processor(InternVLProcessor):
-        # InternVLProcessor insists on a video processor class, which needs torchvision; we pass none.
-        def check_argument_for_proper_class(self, name, arg):
-            return None
-
-    tokenizer, image_processor = loaded.vision.tokenizer, loaded.vision.image_processor
-    processor = Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                          image_seq_length=TOKENS_PER_TILE, chat_template=tokenizer.chat_template)
+    processor = processor_without_video(InternVLProcessor, loaded, image_seq_length=TOKENS_PER_TILE)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "image"},
                                              {"type": "text", "text": "\nCompare them."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -205,18 +169,9 @@ def test_aoti_engine_runs_from_an_image_file_without_the_checkpoint(checkpoint, 
 
 def test_bad_inputs_are_clear_errors(identity_engine, images, tmp_path):
     engine = identity_engine
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        engine.prepare([tmp_path / "missing.png"], PROMPT)
-    not_image = tmp_path / "notes.png"
-    not_image.write_text("not an image")
-    with pytest.raises(ValueError, match="not an image file"):
-        engine.prepare([not_image], PROMPT)
+    check_common_bad_inputs(engine, images[0], PROMPT, tmp_path)
     with pytest.raises(ValueError, match="image processor rejected"):
         engine.prepare([np.zeros((5, 5, 7), dtype=np.uint8)], PROMPT)
-    with pytest.raises(ValueError, match="0 <image> placeholder"):
-        engine.prepare([images[0]], "What is in the picture?")
-    with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
-        engine.prepare(None, PROMPT)
     with pytest.raises(ValueError, match="different shapes.*generate"):
         engine.prefill(images=[images[0], images[1]], prompts=[PROMPT, PROMPT])
     with pytest.raises(ValueError, match="prompts= .*alone"):

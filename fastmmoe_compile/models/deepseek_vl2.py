@@ -503,16 +503,12 @@ def tiny_config() -> Config:
 def tiny_processing():
     """A byte-level BPE tokenizer (256 byte symbols, no merges) with the official special tokens and
     a BOS post-processor, and the official image processor config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import processors
 
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_SPECIALS)
-    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        additional_special_tokens=[IMAGE, *GROUNDING, USER, ASSISTANT])
+    from .vlm import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer(
+        _SPECIALS, post_processor=processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)]),
+        bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=[IMAGE, *GROUNDING, USER, ASSISTANT])
     c = tiny_config()
     return tokenizer, ImageProcessor(c.candidate_resolutions, c.patch_size, c.downsample_ratio)

@@ -5,7 +5,8 @@ Language backbone (`glm4v_moe_text`): GLM-4.5's routing (deepseek.py: sigmoid + 
 group-limited top-k, renormalise, scale; shared experts; dense first layers), with 3D multimodal
 rotary positions (temporal, height, width; mrope_section over the partial rotary dims). The
 exported prefill takes them as the "rope_positions" input [3, B, S]. transformers has no
-*ForCausalLM for it: causal_lm_class() below makes that shell (the VLM's own modules, no copies).
+*ForCausalLM for it (grid_vlm.text_causal_lm_class). What it shares with Qwen3-VL (patch grids,
+per-image encoder calls, 3D positions) is in grid_vlm.py.
 
 Input side, as transformers' Glm4vProcessor does it (processing_glm4v.py):
 - chat template: each image is <|begin_of_image|><|image|><|end_of_image|> in the user turn;
@@ -23,58 +24,17 @@ import dataclasses
 
 import torch
 
-from . import deepseek
+from . import deepseek, grid_vlm
 from .base import MoEFamily
-from .vlm import PLACEHOLDER, VLMFamily
 
 BEGIN, IMAGE, END = "<|begin_of_image|>", "<|image|>", "<|end_of_image|>"
 
 
 # --- language backbone ---------------------------------------------------------------
-_CAUSAL_LM = None
-
-
-def causal_lm_class():
-    """Glm4vMoeTextForCausalLM: Glm4vMoeTextModel + lm_head, the *ForCausalLM transformers lacks.
-
-    Registered with AutoModelForCausalLM (on first use, not on import: that would import
-    transformers' modeling code for every CLI command) so the text preset builds like any other
-    family's; a no-op if transformers ever ships its own class."""
-    global _CAUSAL_LM
-    if _CAUSAL_LM is not None:
-        return _CAUSAL_LM
-    from transformers import AutoModelForCausalLM, Glm4vMoeTextConfig
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+def causal_lm_class() -> type:
     from transformers.models.glm4v_moe import modeling_glm4v_moe as m
 
-    class Glm4vMoeTextForCausalLM(m.Glm4vMoePreTrainedModel):
-        config_class = Glm4vMoeTextConfig
-        base_model_prefix = "model"
-        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-        # transformers decides this by grepping the class's module for @use_experts_implementation;
-        # the experts live in modeling_glm4v_moe, which has it.
-        _can_set_experts_implementation_cached_value = True
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model = m.Glm4vMoeTextModel(config)
-            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            self.post_init()
-
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
-            hidden = out.last_hidden_state
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=out.past_key_values)
-
-    if Glm4vMoeTextConfig not in AutoModelForCausalLM._model_mapping:  # else keep transformers' own class
-        # exist_ok: transformers otherwise ignores registrations for its own config classes.
-        AutoModelForCausalLM.register(Glm4vMoeTextConfig, Glm4vMoeTextForCausalLM, exist_ok=True)
-    _CAUSAL_LM = Glm4vMoeTextForCausalLM
-    return _CAUSAL_LM
+    return grid_vlm.text_causal_lm_class(m.Glm4vMoePreTrainedModel, m.Glm4vMoeTextModel, m.Glm4vMoeTextConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,138 +99,20 @@ def vision_tables(grid, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return grid_thw, get_vision_position_ids(grid_thw, merge), get_vision_cu_seqlens(grid_thw)
 
 
-class Glm4vMoeFamily(VLMFamily):
+class Glm4vMoeFamily(grid_vlm.GridVLMFamily):
     model_type = "glm4v_moe"
-    max_tiles = 16  # images per call (the runtime encodes them one at a time)
-    max_patches = 1 << 16  # patches per image the exported encoder takes (GLM-4.5V's processor: up to 60000)
+    image_text, image_token = f"{BEGIN}{IMAGE}{END}", IMAGE
+    max_patches = 1 << 16  # GLM-4.5V's processor: up to 60000
+    min_merged_tokens = 2  # the exported encoder's smallest image (GLM's processor minimum is far above)
 
-    def text_config(self, config):
-        return config.text_config
-
-    def causal_lm(self, model) -> torch.nn.Module:
-        from .vlm import share_modules
-
-        language_model = model.model.language_model
-        with torch.device("meta"):
-            shell = causal_lm_class()(language_model.config)
-        shell = share_modules(shell, model=language_model, lm_head=model.lm_head)
-        shell.config = language_model.config  # one config object: implementation switches reach the layers
-        return shell.eval()
+    def text_causal_lm(self) -> type:
+        return causal_lm_class()
 
     def encoder(self, model) -> torch.nn.Module:
         return Encoder(model).eval()
 
-    def vision_facts(self, config) -> dict:
-        v = config.vision_config
-        return {
-            "image_token_id": int(config.image_token_id),
-            "merge_size": int(v.spatial_merge_size),
-            "patch_dim": int(v.in_channels * v.temporal_patch_size * v.patch_size ** 2),
-        }
-
-    # --- input side --------------------------------------------------------------
-    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        image = f"{BEGIN}{IMAGE}{END}"
-        if not chat:
-            return prompt.replace(PLACEHOLDER, image)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
-        content = []
-        for i, part in enumerate(prompt.split(PLACEHOLDER)):
-            if i:
-                content.append({"type": "image"})
-            if part:
-                content.append({"type": "text", "text": part})
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def tiles(self, image_processor, images: list) -> tuple:
-        out = image_processor(images=images, return_tensors="pt")
-        grids = [[int(x) for x in g] for g in out["image_grid_thw"]]
-        return out["pixel_values"], [1] * len(grids), grids  # one encoder call per image
-
-    def expand(self, tokenizer, text: str, grids: list, facts: dict) -> str:
-        parts = text.split(IMAGE)
-        if len(parts) - 1 != len(grids):
-            raise ValueError(f"the prompt has {len(parts) - 1} image tokens for {len(grids)} images")
-        runs = [IMAGE * self.image_tokens(g, facts) for g in grids]
-        return parts[0] + "".join(run + part for run, part in zip(runs, parts[1:]))
-
-    @staticmethod
-    def image_tokens(grid, facts: dict) -> int:
-        t, h, w = grid
-        return t * h * w // facts["merge_size"] ** 2
-
-    def encode(self, encoder, pixel_values, grids: list, facts: dict) -> list:
-        features, start = [], 0
-        for grid in grids:
-            count = grid[0] * grid[1] * grid[2]
-            grid_thw, position_ids, cu_seqlens = vision_tables(grid, facts["merge_size"])
-            features.append(encoder(pixel_values[start:start + count].contiguous(), grid_thw, position_ids,
-                                    cu_seqlens))
-            start += count
-        if start != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} patches for image grids totalling {start}")
-        return features
-
-    def arrange(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
-        return torch.cat(outputs, dim=0)  # each image's merged tokens, in prompt order
-
-    def rope_positions(self, input_ids: torch.Tensor, grids: list, facts: dict):
-        return rope_index(input_ids, grids, facts["image_token_id"], facts["merge_size"])
-
-    # --- export of the vision encoder ----------------------------------------------
-    def vision_export_inputs(self, encoder, facts: dict) -> tuple[tuple, dict]:
-        from torch.export import Dim
-
-        param = next(encoder.parameters())
-        merge = facts["merge_size"]
-        grid = (1, 4 * merge, 2 * merge)  # 8 merged tokens; any grid gives the same graph
-        grid_thw, position_ids, cu_seqlens = vision_tables(grid, merge)
-        pixels = torch.zeros(grid_thw.prod(), facts["patch_dim"], dtype=param.dtype, device=param.device)
-        # P is a multiple of merge^2 (the downsample conv folds merge x merge blocks).
-        patches = merge ** 2 * Dim("merged", min=2, max=self.max_patches // merge ** 2)
-        dynamic = {"pixel_values": {0: patches}, "grid_thw": None, "position_ids": {0: patches},
-                   "cu_seqlens": None}
-        return (pixels, grid_thw, position_ids, cu_seqlens), dynamic
-
-    def export_context(self):
-        # transformers' export patches: the packed vision attention's per-segment split loop
-        # becomes a reshape into a batch of equal segments (one image: one segment).
-        from transformers.exporters.utils import apply_patches
-
-        return apply_patches("dynamo")
-
-
-def rope_index(input_ids: torch.Tensor, grids: list, image_token_id: int, merge: int):
-    """One sample's 3D rotary positions [3, S] and where decode continues (max + 1), as
-    Glm4vMoeModel.get_rope_index computes them: each run of image tokens is one image."""
-    ids = input_ids.tolist()
-    rows, current, g, i = [], 0, 0, 0
-    while i < len(ids):
-        j = i
-        if ids[i] != image_token_id:
-            while j < len(ids) and ids[j] != image_token_id:
-                j += 1
-            rows.append(torch.arange(current, current + j - i).expand(3, -1))
-            current += j - i
-        else:
-            while j < len(ids) and ids[j] == image_token_id:
-                j += 1
-            if g >= len(grids):
-                raise ValueError(f"more image-token runs in the prompt than its {len(grids)} image(s)")
-            t, h, w = grids[g][0], grids[g][1] // merge, grids[g][2] // merge
-            if t * h * w != j - i:
-                raise ValueError(f"image {g}: {j - i} image tokens for a {t}x{h}x{w} merged grid")
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-            rows.append(torch.stack([tt, hh, ww]).reshape(3, -1) + current)
-            current += max(h, w)
-            g += 1
-        i = j
-    if g != len(grids):
-        raise ValueError(f"{g} image-token runs in the prompt for {len(grids)} image(s)")
-    positions = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
-    return positions.to(torch.long), int(positions.max()) + 1 if rows else 0
+    def grid_inputs(self, grid, facts: dict) -> tuple:
+        return vision_tables(grid, self.merge_size(facts))
 
 
 FAMILY = Glm4vMoeFamily()
@@ -312,16 +154,12 @@ def tiny_config():
 def tiny_processing():
     """A real tokenizer (byte-level BPE over 256 byte symbols, no merges, plus GLM-4.5V's special
     tokens and chat template) and image processor, save_pretrained-able like a checkpoint's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Glm4vImageProcessorPil, PreTrainedTokenizerFast
+    from transformers import Glm4vImageProcessorPil
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    from .vlm import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer(
+        _SPECIALS, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
         extra_special_tokens={"image_token": IMAGE, "video_token": "<|video|>"},
     )
     # Images resized to multiples of 8 px (patch 4 x merge 2), between 16x16 and 48x48 pixels' worth.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .vlm import PLACEHOLDER, VLMFamily
+from .vlm import VLMFamily, byte_level_tokenizer, chat_prompt
 
 # InternVL's special tokens (tokenizer_config of the -HF checkpoints), used when a tokenizer lacks the attributes.
 START, END, CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -85,19 +85,7 @@ class InternVLFamily(VLMFamily):
                 getattr(tokenizer, "context_image_token", None) or CONTEXT)
 
     def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        context = self.tokens(tokenizer)[2]
-        if not chat:
-            return prompt.replace(PLACEHOLDER, context)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
-        content = []
-        for i, part in enumerate(prompt.split(PLACEHOLDER)):
-            if i:
-                content.append({"type": "image"})
-            if part:
-                content.append({"type": "text", "text": part})
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt(tokenizer, prompt, chat, self.tokens(tokenizer)[2])
 
     def tiles(self, image_processor, images: list) -> tuple[torch.Tensor, list[int]]:
         out = image_processor(images=images, crop_to_patches=True, return_tensors="pt")
@@ -137,16 +125,10 @@ _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", START, END, CONTEXT,
 def tiny_processing(max_patches: int = 6):
     """A real tokenizer (byte-level BPE over 256 byte symbols, no merges, plus InternVL's special
     tokens and a chat template) and image processor, save_pretrained-able like a checkpoint's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GotOcr2ImageProcessorPil, PreTrainedTokenizerFast
+    from transformers import GotOcr2ImageProcessorPil
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    tokenizer = byte_level_tokenizer(
+        _SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
         extra_special_tokens={"start_image_token": START, "end_image_token": END, "context_image_token": CONTEXT,
                               "video_token": "<video>"},
     )

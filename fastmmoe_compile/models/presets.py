@@ -2,6 +2,7 @@
 benchmark size, and real-size shapes that are only ever built on the meta device."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,52 +91,32 @@ def _deepseek_vl2_small_backbone():
     )
 
 
-def _tiny_internvl():
-    from .internvl import tiny_config
+def _lazy(module: str, function: str) -> Callable:
+    """models.<module>.<function>(), imported when called: listing presets imports no model code."""
+    def call():
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)()
 
-    return tiny_config()
-
-
-def _tiny_internvl_processing():
-    from .internvl import tiny_processing
-
-    return tiny_processing()
+    return call
 
 
-def _tiny_deepseek_vl2():
-    from .deepseek_vl2 import tiny_config
+def _qwen3_vl_30b_a3b():
+    from transformers import Qwen3VLMoeConfig
 
-    return tiny_config()
+    from .qwen3_vl_moe import text_causal_lm_class
 
-
-def _tiny_deepseek_vl2_processing():
-    from .deepseek_vl2 import tiny_processing
-
-    return tiny_processing()
-
-
-def _tiny_glm4v_moe():
-    from .glm4v_moe import tiny_config
-
-    return tiny_config()
-
-
-def _tiny_glm4v_moe_processing():
-    from .glm4v_moe import tiny_processing
-
-    return tiny_processing()
-
-
-def _tiny_qwen3_vl_moe():
-    from .qwen3_vl_moe import tiny_config
-
-    return tiny_config()
-
-
-def _tiny_qwen3_vl_moe_processing():
-    from .qwen3_vl_moe import tiny_processing
-
-    return tiny_processing()
+    text_causal_lm_class()  # registers the text model class the backbone is built with
+    # Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (text: Qwen3-30B-A3B with interleaved M-RoPE; vision:
+    # 27-block ViT, 16 px patches, 2x2 merge, deepstack from blocks 8, 16, 24).
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                num_experts_per_tok=8, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
 def _internvl35_30b_a3b():
@@ -156,7 +137,7 @@ def _tiny(model_type: str) -> Preset:
         name="tiny-" + model_type.replace("_", "-"),
         model_type=model_type,
         kind="tiny random",
-        description=f"4-layer hidden-64 {model_type}, 8 experts top-4, random weights ({family.routing})",
+        description=f"a few layers, hidden 64, 8 experts top-4, random weights ({family.routing})",
         make_config=family.tiny_config,
     )
 
@@ -173,25 +154,28 @@ PRESETS.update({
         Preset("tiny-internvl", "internvl", "tiny random",
                "InternVL layout: 2-layer InternViT (112 px tiles, 16 tokens each) + 4-layer qwen3_moe, "
                "8 experts top-4, with a byte-level tokenizer, chat template and image processor",
-               _tiny_internvl, make_processing=_tiny_internvl_processing),
+               _lazy("internvl", "tiny_config"), make_processing=_lazy("internvl", "tiny_processing")),
         Preset("tiny-qwen3-vl-moe", "qwen3_vl_moe", "tiny random",
                "Qwen3-VL-MoE layout: 3-block ViT (8 px patches, 2x2 merge, deepstack from 2 blocks, any image "
                "size) + 4-layer qwen3_vl_moe_text with 3D rotary positions, 8 experts top-4, with a byte-level "
                "tokenizer, chat template and image processor",
-               _tiny_qwen3_vl_moe, make_processing=_tiny_qwen3_vl_moe_processing),
+               _lazy("qwen3_vl_moe", "tiny_config"), make_processing=_lazy("qwen3_vl_moe", "tiny_processing")),
         Preset("tiny-deepseek-vl2", "deepseek_vl_v2", "tiny random",
                "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
                "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
                "tokenizer and the official image processor config",
-               _tiny_deepseek_vl2, make_processing=_tiny_deepseek_vl2_processing),
+               _lazy("deepseek_vl2", "tiny_config"), make_processing=_lazy("deepseek_vl2", "tiny_processing")),
         Preset("tiny-glm4v-moe", "glm4v_moe", "tiny random",
                "GLM-4.5V layout: 2-layer GLM ViT (4 px patches, 2x2 merge, any image size up to 48x48 px) + "
                "a 3-layer glm4v_moe_text (first layer dense, 8 experts top-4 in 2 groups, 3D rotary), with a "
                "byte-level tokenizer, chat template and image processor",
-               _tiny_glm4v_moe, make_processing=_tiny_glm4v_moe_processing),
+               _lazy("glm4v_moe", "tiny_config"), make_processing=_lazy("glm4v_moe", "tiny_processing")),
         Preset("internvl3.5-30b-a3b", "internvl", "real-size shape (meta)",
                "InternVL3.5-30B-A3B: InternViT-300M (448 px tiles, 256 tokens each) + the 30B-A3B backbone",
                _internvl35_30b_a3b),
+        Preset("qwen3-vl-30b-a3b", "qwen3_vl_moe", "real-size shape (meta)",
+               "Qwen3-VL-30B-A3B: 27-block ViT (16 px patches, 2x2 merge, 3 deepstack levels, any image size) + "
+               "a 48-layer hidden-2048 backbone with 3D rotary, 128 experts top-8", _qwen3_vl_30b_a3b),
         Preset("deepseek-vl2-small-backbone", "deepseek_v2", "real-size shape (meta)",
                "DeepSeek-VL2-Small language backbone: 27 layers, hidden 2048, 64 experts top-6 + 2 shared",
                _deepseek_vl2_small_backbone),

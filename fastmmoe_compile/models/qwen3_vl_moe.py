@@ -25,19 +25,18 @@ What this family needs beyond InternVL:
   torchvision): chat template puts <|vision_start|><|image_pad|><|vision_end|> per image; the image
   processor (Qwen2VLImageProcessor[Pil]) resizes to a multiple of patch*merge and returns patches +
   image_grid_thw; each <|image_pad|> expands to t*h*w / merge^2 copies.
-- transformers has no *ForCausalLM for `qwen3_vl_moe_text`: TextForCausalLM below is one (built
-  on the meta device, sharing the VLM's modules), registered with AutoModelForCausalLM on first use.
+- transformers has no *ForCausalLM for `qwen3_vl_moe_text` (grid_vlm.text_causal_lm_class).
+What it shares with GLM-4.5V (patch grids, per-image encoder calls, 3D positions) is in grid_vlm.py.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from . import grid_vlm
 from .base import MoEFamily
-from .vlm import PLACEHOLDER, VLMFamily, share_modules
 
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_RUN = VISION_START + IMAGE_PAD + VISION_END
@@ -56,44 +55,10 @@ CHAT_TEMPLATE = (
 
 
 # --- language backbone -----------------------------------------------------------------
-@functools.cache
-def text_causal_lm_class():
-    """Qwen3VLMoeTextModel + lm_head as a *ForCausalLM, registered with AutoModelForCausalLM
-    (transformers has none for qwen3_vl_moe_text). Built on first use: importing the modeling
-    code costs seconds, which the CLI should not pay for other families."""
-    from transformers import AutoModelForCausalLM, GenerationMixin
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
-        Qwen3VLMoePreTrainedModel,
-        Qwen3VLMoeTextModel,
-    )
+def text_causal_lm_class() -> type:
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as m
 
-    class Qwen3VLMoeTextForCausalLM(Qwen3VLMoePreTrainedModel, GenerationMixin):
-        config_class = Qwen3VLMoeTextConfig
-        _no_split_modules = ["Qwen3VLMoeTextDecoderLayer"]
-        # transformers decides this by grepping the class's module for @use_experts_implementation; the
-        # experts are HF's own (decorated) Qwen3VLMoeTextExperts, so switching implementations works.
-        _can_set_experts_implementation_cached_value = True
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model = Qwen3VLMoeTextModel(config)
-            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            self.post_init()
-
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
-            hidden = out.last_hidden_state
-            if logits_to_keep:
-                hidden = hidden[:, -logits_to_keep:]
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=out.past_key_values)
-
-    AutoModelForCausalLM.register(Qwen3VLMoeTextConfig, Qwen3VLMoeTextForCausalLM, exist_ok=True)
-    return Qwen3VLMoeTextForCausalLM
+    return grid_vlm.text_causal_lm_class(m.Qwen3VLMoePreTrainedModel, m.Qwen3VLMoeTextModel, m.Qwen3VLMoeTextConfig)
 
 
 @contextlib.contextmanager
@@ -191,150 +156,35 @@ def grid_tables(grid, facts: dict, dtype=torch.float32) -> tuple:
     return indices, weights.to(dtype), get_vision_position_ids(grid_thw, merge), get_vision_cu_seqlens(grid_thw)
 
 
-class Qwen3VLMoeFamily(VLMFamily):
+class Qwen3VLMoeFamily(grid_vlm.GridVLMFamily):
     model_type = "qwen3_vl_moe"
+    image_text, image_token = IMAGE_RUN, IMAGE_PAD
     max_tiles = 256  # images per prepare() call (one encoder call each)
     max_patches = 65536  # patches of one image: Qwen3-VL's processor allows 16777216 px of 16 px patches
+    output_token_dims = (0, 1)  # pooled [N, H], deepstack [D, N, H]
 
-    def text_config(self, config):
-        return config.text_config
+    def text_causal_lm(self) -> type:
+        return text_causal_lm_class()
 
     def causal_lm(self, model) -> torch.nn.Module:
-        language_model = model.model.language_model
-        config = language_model.config
-        setattr(config, DEEPSTACK_ATTR, len(model.config.vision_config.deepstack_visual_indexes))
-        with torch.device("meta"):
-            shell = text_causal_lm_class()(config)
-        shell = share_modules(shell, model=language_model, lm_head=model.lm_head)
-        shell.config = config  # one config object: implementation switches reach the layers
-        return shell.eval()
+        # D is a fact of the vision config; the backbone's deepstack input needs it on the text side.
+        setattr(model.model.language_model.config, DEEPSTACK_ATTR,
+                len(model.config.vision_config.deepstack_visual_indexes))
+        return super().causal_lm(model)
 
     def encoder(self, model) -> torch.nn.Module:
         return Encoder(model).eval()
 
     def vision_facts(self, config) -> dict:
         v = config.vision_config
-        return {
-            "image_token_id": int(config.image_token_id),
-            "patch_size": int(v.patch_size),
-            "temporal_patch_size": int(v.temporal_patch_size),
-            "spatial_merge_size": int(v.spatial_merge_size),
-            "num_grid_per_side": int(v.num_position_embeddings ** 0.5),
-            "in_channels": int(v.in_channels),
-            "deepstack_layers": len(v.deepstack_visual_indexes),
-        }
+        return {**super().vision_facts(config), "num_grid_per_side": int(v.num_position_embeddings ** 0.5),
+                "deepstack_layers": len(v.deepstack_visual_indexes)}
 
-    # --- input side --------------------------------------------------------------
-    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        if not chat:
-            return prompt.replace(PLACEHOLDER, IMAGE_RUN)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
-        content = []
-        for i, part in enumerate(prompt.split(PLACEHOLDER)):
-            if i:
-                content.append({"type": "image"})
-            if part:
-                content.append({"type": "text", "text": part})
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def tiles(self, image_processor, images: list) -> tuple:
-        """(patches [sum P, C*T*ps*ps], one "tile" per image, each image's (t, h, w) patch grid)."""
-        out = image_processor(images=images, return_tensors="pt")
-        grids = [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
-        return out["pixel_values"], [1] * len(grids), grids
-
-    @staticmethod
-    def tokens_of(grid, facts: dict) -> int:
-        t, h, w = grid
-        return t * h * w // int(facts["spatial_merge_size"]) ** 2
-
-    def expand(self, tokenizer, text: str, grids: list, facts: dict) -> str:
-        """Each <|image_pad|> -> t*h*w / merge^2 of them (Qwen3VLProcessor.replace_image_token)."""
-        pad = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        parts = text.split(pad)
-        if len(parts) - 1 != len(grids):
-            raise ValueError(f"the prompt has {len(parts) - 1} {pad} tokens for {len(grids)} images")
-        return parts[0] + "".join(pad * self.tokens_of(g, facts) + part for g, part in zip(grids, parts[1:]))
-
-    def encode(self, encoder, pixel_values, grids: list, facts: dict) -> list:
-        """One encoder call per image (its patches and grid tables) -> [pooled [N, H], deepstack [D, N, H]]."""
-        pooled, deep, start = [], [], 0
-        for grid in grids:
-            count = grid[0] * grid[1] * grid[2]
-            if count > self.max_patches:
-                raise ValueError(f"an image of {count} patches; this engine's vision encoder takes at most "
-                                 f"{self.max_patches}: pass a smaller image")
-            patches = pixel_values[start:start + count].contiguous()
-            start += count
-            p, d = encoder(patches, *(x.contiguous() for x in grid_tables(grid, facts)))
-            pooled.append(p)
-            deep.append(d)
-        if start != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} patches for image grids of {start}")
-        return [torch.cat(pooled), torch.cat(deep, dim=1)]
-
-    def arrange(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
-        return outputs[0]  # already in prompt order: merged patch groups, image by image
+    def grid_inputs(self, grid, facts: dict) -> tuple:
+        return grid_tables(grid, facts)
 
     def deepstack(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
         return outputs[1]
-
-    def rope_positions(self, input_ids: torch.Tensor, grids: list, facts: dict):
-        """HF's Qwen3VLMoeModel.get_rope_index for one sample: text tokens advance all three axes by
-        one; an image's run of t*h*w/m^2 tokens takes (start + t', start + h', start + w') over its
-        merged grid and advances the position by max(h, w)/m. Returns ([3, S], max + 1)."""
-        merge = int(facts["spatial_merge_size"])
-        ids = input_ids.tolist()
-        image = int(facts["image_token_id"])
-        columns, pos, i, images = [], 0, 0, iter(grids)
-        while i < len(ids):
-            j = i
-            while j < len(ids) and (ids[j] == image) == (ids[i] == image):
-                j += 1
-            if ids[i] != image:
-                columns.append(torch.arange(pos, pos + j - i).expand(3, -1))
-                pos += j - i
-            else:
-                grid = next(images, None)
-                if grid is None:
-                    raise ValueError(f"more image-token runs in the prompt than the {len(grids)} image grids")
-                t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-                if j - i != t * h * w:
-                    raise ValueError(f"an image run of {j - i} tokens for a grid of {t * h * w} merged patches")
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-                columns.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-                pos += max(h, w)
-            i = j
-        if next(images, None) is not None:
-            raise ValueError(f"fewer image-token runs in the prompt than the {len(grids)} image grids")
-        positions = torch.cat(columns, dim=1).to(torch.long) if columns else torch.zeros(3, 0, dtype=torch.long)
-        return positions, int(positions.max()) + 1 if columns else 0
-
-    # --- export of the vision encoder ---------------------------------------------------
-    def vision_export_inputs(self, encoder: torch.nn.Module, facts: dict) -> tuple[tuple, dict]:
-        from torch.export import Dim
-
-        param = next(encoder.parameters())
-        merge = int(facts["spatial_merge_size"])
-        grid = (1, 2 * merge, 3 * merge)  # any grid: every shape below is symbolic in P
-        count = grid[0] * grid[1] * grid[2]
-        width = facts["in_channels"] * facts["temporal_patch_size"] * facts["patch_size"] ** 2
-        patches = torch.zeros(count, width, dtype=param.dtype, device=param.device)
-        tables = tuple(x.to(param.device) for x in grid_tables(grid, facts))
-        groups = Dim("merged_patches", min=1, max=self.max_patches // merge ** 2)
-        p = merge ** 2 * groups  # the merger folds m^2 patches into one token
-        dynamic = {"patches": {0: p}, "interp_indices": {0: p}, "interp_weights": {0: p}, "position_ids": {0: p},
-                   "cu_seqlens": None}
-        return (patches, *tables), dynamic
-
-    def export_context(self):
-        """transformers' export patches: the packed vision attention (a cu_seqlens split loop)
-        becomes one reshape-into-batch SDPA; one image per call is one segment."""
-        from transformers.exporters.utils import apply_patches
-
-        return apply_patches("dynamo")
 
 
 FAMILY = Qwen3VLMoeFamily()
@@ -365,17 +215,12 @@ def tiny_processing(max_pixels: int = 96 * 96):
     """A real tokenizer (byte-level BPE over 256 byte symbols, no merges, plus Qwen's special tokens
     and a chat template) and Qwen2VLImageProcessorPil for 8 px patches (images resized to a
     multiple of 16 px, between 32x32 and max_pixels)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    from .vlm import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer(
+        _SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
         extra_special_tokens={"image_token": IMAGE_PAD, "video_token": "<|video_pad|>",
                               "vision_start_token": VISION_START, "vision_end_token": VISION_END},
     )

@@ -132,6 +132,39 @@ class VLMFamily:
         return contextlib.nullcontext()
 
 
+def chat_prompt(tokenizer, prompt: str, chat: bool, image_text: str) -> str:
+    """The user's prompt (PLACEHOLDER per image) as the model's text: through the tokenizer's chat
+    template as one user turn with image entries (chat=True), or raw with image_text per image."""
+    if not chat:
+        return prompt.replace(PLACEHOLDER, image_text)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
+    content = []
+    for i, part in enumerate(prompt.split(PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if part:
+            content.append({"type": "text", "text": part})
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def byte_level_tokenizer(specials: list[str], **kwargs):
+    """A real tokenizer for tiny presets: byte-level BPE over the 256 byte symbols (no merges), then
+    `specials` as ids 256, 257, ...; kwargs go to PreTrainedTokenizerFast (eos_token, chat_template, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    if "post_processor" in kwargs:
+        backend.post_processor = kwargs.pop("post_processor")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
 def share_modules(shell: torch.nn.Module, **modules: torch.nn.Module) -> torch.nn.Module:
     """Put the VLM's own modules into a *ForCausalLM built on the meta device (so nothing is copied)."""
     for name, module in modules.items():
