@@ -246,3 +246,25 @@ def test_unsupported_onnx_inputs_fail_cleanly(tmp_path, capsys):
     with pytest.raises(NotImplementedError, match="complex"):  # its rotary embedding: torch.onnx cannot yet
         export_onnx(program, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_engine_with_rope_positions_and_deepstack():
+    """Qwen3-VL-MoE's backbone takes two more inputs (3D rotary positions, deepstack features):
+    an ORT engine with Top-Kv + a merge before the last deepstack layer gives the export
+    backend's logits, kept tokens and greedy tokens for an image prompt."""
+    import numpy as np
+    from PIL import Image
+
+    loaded = tiny_model("tiny-qwen3-vl-moe")
+    config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5, merge_layers=(1,), keep_ratio=0.5)
+    reference = compile_model(loaded, config, backend="export", quiet=True)
+    engine = compile_model(loaded, config, backend="onnx", quiet=True)
+    image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
+    inputs = reference.prepare([image], "<image> What is it?").backbone_inputs()
+    assert set(inputs) == {"inputs_embeds", "vision_positions", "rope_positions", "deepstack"}
+    ours, theirs = engine.prefill(**inputs), reference.prefill(**inputs)
+    assert torch.equal(ours.kept_positions, theirs.kept_positions)
+    assert ours.kept_positions.shape[1] < inputs["inputs_embeds"].shape[1]  # the merge ran
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    assert [t.tolist() for t in engine.generate(**inputs, max_new_tokens=6)] == \
+        [t.tolist() for t in reference.generate(**inputs, max_new_tokens=6)]
