@@ -131,18 +131,20 @@ def test_existing_dir_needs_overwrite(tmp_path):
 
 
 def test_export_backend_roundtrip_and_overwrite(tmp_path):
-    """The `export` backend (no Inductor) saves and reloads the rewritten program; --overwrite replaces."""
+    """The `export` backend (no Inductor) saves and reloads the rewritten program; --overwrite replaces.
+    With a merge: the merge replaces the kept_positions output, which the saved signature must name."""
     out = tmp_path / "engine"
     loaded = tiny_model("tiny-mixtral")
-    config = FastMMoEConfig(reduce_from_layer=1, vision_topk=1)
+    config = FastMMoEConfig(reduce_from_layer=1, vision_topk=1, merge_layers=(1,), keep_ratio=0.5)
     first = compile_model(loaded, config, out, backend="export", quiet=True, decode=False)
     (out / "stale-file").write_text("x")
     compile_model(loaded, config, out, backend="export", overwrite=True, quiet=True, decode=False)
     assert not (out / "stale-file").exists()
     ids, mask = _inputs(seq=20, batch=1)
     mask[:, 16:] = False
-    torch.testing.assert_close(load_engine(out).prefill(ids, vision_mask=mask).logits,
-                               first.prefill(ids, vision_mask=mask).logits, atol=1e-6, rtol=0)
+    got, want = load_engine(out).prefill(ids, vision_mask=mask), first.prefill(ids, vision_mask=mask)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=0)
+    assert torch.equal(got.kept_positions, want.kept_positions) and got.kept_positions.shape[1] < 20
 
 
 @pytest.mark.slow

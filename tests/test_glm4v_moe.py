@@ -133,10 +133,12 @@ def test_generate_and_cli_run_match_hf_generate(identity_engine, loaded, images,
 
 
 @pytest.fixture(scope="session")
-def merge_engine(loaded):
+def merge_engine(checkpoint, tmp_path_factory):
+    """Python's path: compile_model(checkpoint dir, config, out) -> engine dir -> load_engine."""
     config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5, merge_layers=(1, 2), keep_ratio=0.25,
                             merge_ratio=0.25, window=3, alpha=0.4)
-    return compile_model(loaded, config, backend="export", quiet=True)  # in process, with decode
+    return compile_model(str(checkpoint), config, tmp_path_factory.mktemp("engines") / "merge", backend="export",
+                         quiet=True)
 
 
 @pytest.mark.parametrize("name", ["identity_engine", "merge_engine"])

@@ -32,8 +32,10 @@ checkpoint, loaded, images, identity_engine = vlm_fixtures("tiny-qwen3-vl-moe", 
 
 
 @pytest.fixture(scope="session")
-def merge_engine(loaded):
-    return compile_model(loaded, MERGE, backend="export", quiet=True)  # in process, with decode
+def merge_engine(checkpoint, tmp_path_factory):
+    """Python's path: compile_model(checkpoint dir, config, out) -> engine dir -> load_engine."""
+    return compile_model(str(checkpoint), MERGE, tmp_path_factory.mktemp("engines") / "merge", backend="export",
+                         quiet=True)
 
 
 def hf_processor(loaded):

@@ -61,6 +61,17 @@ def finish(program: ExportedProgram) -> None:
     gm.graph.lint()
     gm.recompile()
     refresh_fake_values(gm)
+    sync_output_names(program)
+
+
+def sync_output_names(program: ExportedProgram) -> None:
+    """The signature names each output by its node: a pass that replaces an output (the merge
+    gathers kept_positions) must rename it there too, or torch.export.save's verifier refuses
+    the program."""
+    output = next(n for n in reversed(program.graph.nodes) if n.op == "output")
+    for spec, node in zip(program.graph_signature.output_specs, output.args[0]):
+        if isinstance(node, torch.fx.Node) and getattr(spec.arg, "name", node.name) != node.name:
+            spec.arg = type(spec.arg)(name=node.name)
 
 
 def refresh_fake_values(gm: torch.fx.GraphModule) -> None:
