@@ -157,10 +157,15 @@ def _run(argv) -> int:
     p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
     args = p.parse_args(argv)
     from .runtime import load_engine
-    from .runtime.multimodal import generate_text
+    from .runtime.multimodal import stream_text
 
     engine = load_engine(args.engine)
-    print(generate_text(engine, args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)[0])
+    pieces = stream_text(engine, args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
+    first = next(pieces, "")  # input errors surface here, before anything is printed
+    print(first, end="", flush=True)
+    for piece in pieces:  # as the tokens come
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 

@@ -19,7 +19,7 @@ from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
 from .conftest import cli_identity_engine, save_vlm_checkpoint, write_images
-from .reference import eager_fastmmoe
+from .reference import eager_fastmmoe, eager_generate
 
 PROMPT = "<image>\nWhat is in the picture?"
 SIDE = 2  # tiny-deepseek-vl2: 42 px tiles of 14 px patches = 3x3, padded to 4x4, 2x2-pooled to 2x2
@@ -211,11 +211,17 @@ def test_identity_engine_is_the_composed_model(identity_engine, loaded, checkpoi
     torch.testing.assert_close(result.logits, hf, atol=1e-5, rtol=0)
 
 
-def test_merge_engine_matches_eager_reference(loaded, images):
-    """Top-Kv + token merging on the image tokens (newlines and separator included) == the eager reference."""
+@pytest.fixture(scope="session")
+def merge_engine(loaded):
     config = FastMMoEConfig(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(1, 3), keep_ratio=0.25,
                             merge_ratio=0.25, window=3, alpha=0.4)
-    engine = compile_model(loaded, config, backend="export", quiet=True, decode=False)  # in process
+    return compile_model(loaded, config, backend="export", quiet=True)  # in process, with decode
+
+
+def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
+    """Top-Kv + token merging on the image tokens (newlines and separator included) == the eager
+    reference: logits and kept tokens, then 16 greedy tokens after the pruned prefill."""
+    engine = merge_engine
     prepared = engine.prepare([images["square"]], PROMPT)
     result = engine.prefill(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions)
     mask = torch.zeros_like(prepared.input_ids, dtype=torch.bool)
@@ -226,22 +232,44 @@ def test_merge_engine_matches_eager_reference(loaded, images):
     n = official_count(2, 2)
     assert result.kept_positions.shape[1] == prepared.input_ids.shape[1] - n + n // 4
     torch.testing.assert_close(result.logits, ref_logits, atol=1e-4, rtol=0)
+    tokens = engine.generate(**prepared.backbone_inputs(), max_new_tokens=16)
+    assert [t.tolist() for t in tokens] == eager_generate(loaded.lm, prepared.inputs_embeds, mask, 2, 2,
+                                                          {1: stage, 3: stage}, 16)
+
+
+@pytest.mark.parametrize("which", ["identity", "merge"])
+def test_batch_of_different_image_sizes_in_one_call(which, identity_engine, merge_engine, images):
+    """Three prompts with 1x3, 2x2 and 1x1 tile grids (all lengths differ) in ONE generate_text call:
+    each answer == its answer alone."""
+    from fastmmoe_compile.runtime.multimodal import generate_text
+
+    engine = identity_engine if which == "identity" else merge_engine
+    imgs = [images["wide"], images["square"], images["small"]]
+    prompts = [PROMPT, "<image> Describe it.", "Read <image> please."]
+    prepared = engine.prepare(imgs, prompts)
+    assert not prepared.batched and len({len(t) for t in prepared.input_ids}) == 3
+    together = engine.generate(**prepared.backbone_inputs(), max_new_tokens=8)
+    for i, (im, p) in enumerate(zip(imgs, prompts)):
+        alone = engine.generate(**engine.prepare([im], p).backbone_inputs(), max_new_tokens=8)
+        assert together[i].tolist() == alone[0].tolist()
+    assert generate_text(engine, imgs, prompts, max_new_tokens=8) == \
+        [generate_text(engine, [im], p, max_new_tokens=8)[0] for im, p in zip(imgs, prompts)]
 
 
 def test_generate_and_cli_run_match_eager_greedy(identity_engine, loaded, images, capsys):
     prepared = identity_engine.prepare([images["wide"]], PROMPT)
     embeds, tokens = prepared.inputs_embeds, []
     with torch.no_grad():  # greedy, the whole sequence recomputed each step
-        for _ in range(6):
+        for _ in range(16):
             tokens.append(int(loaded.lm(inputs_embeds=embeds).logits[0, -1].argmax()))
             embeds = torch.cat([embeds, loaded.lm.model.embed_tokens(torch.tensor([[tokens[-1]]]))], dim=1)
     new = identity_engine.generate(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions,
-                                   max_new_tokens=6)
+                                   max_new_tokens=16)
     assert new[0].tolist() == tokens
     text = identity_engine.front_end.tokenizer.decode(tokens, skip_special_tokens=True)
     capsys.readouterr()
     assert main(["run", str(identity_engine.path), "--image", str(images["wide"]), "--prompt", PROMPT,
-                 "--max-new-tokens", "6"]) == 0
+                 "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out == text + "\n"
 
 

@@ -14,7 +14,7 @@ from fastmmoe_compile.cli import main
 from fastmmoe_compile.models import load_model
 
 from .conftest import check_common_bad_inputs, processor_without_video, vlm_fixtures
-from .reference import eager_fastmmoe
+from .reference import eager_fastmmoe, eager_generate
 
 PROMPT = "<image>\nWhat is in the picture?"
 TOKENS_PER_TILE = 16  # tiny-internvl: 112 px tiles, 14 px patches, pixel shuffle 0.5
@@ -92,6 +92,9 @@ def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
     with torch.no_grad():  # and the reduction did change the answer
         hf = loaded.vision.model(input_ids=prepared.input_ids, pixel_values=prepared.pixel_values).logits[:, -1]
     assert (result.logits - hf).abs().max() > 20 * 1e-4
+    tokens = engine.generate(**prepared.backbone_inputs(), max_new_tokens=16)  # decode after the pruned prefill
+    assert [t.tolist() for t in tokens] == eager_generate(loaded.lm, prepared.inputs_embeds, mask, 2, 2,
+                                                          {1: stage, 3: stage}, 16)
 
 
 @pytest.mark.parametrize("which", ["identity", "merge"])
@@ -116,27 +119,28 @@ def test_batch_of_different_image_sizes_in_one_call(which, identity_engine, merg
         assert new[i].tolist() == engine.generate(**engine.prepare([im], p).backbone_inputs(), max_new_tokens=8)[0].tolist()
 
 
-def hf_greedy(model, input_ids, pixel_values, steps: int) -> list[int]:
-    ids = input_ids
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = model(input_ids=ids, pixel_values=pixel_values).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, input_ids.shape[1]:].tolist()
+def test_generate_and_cli_run_match_hf_generate(identity_engine, loaded, images, capsys):
+    """16 greedy tokens: transformers' generate == engine.generate == generate_text == `fastmmoe-compile run`."""
+    from fastmmoe_compile.runtime.multimodal import generate_text, stream_text
 
-
-def test_generate_and_cli_run_match_hf_greedy(identity_engine, loaded, images, capsys):
-    """`fastmmoe-compile run ENGINE --image F --prompt P` prints the HF model's greedy answer."""
     prepared = identity_engine.prepare([images[0]], PROMPT)
-    expected = hf_greedy(loaded.vision.model, prepared.input_ids, prepared.pixel_values, 6)
-    from fastmmoe_compile.runtime.multimodal import generate_text
-
     tokenizer = identity_engine.front_end.tokenizer
+    with torch.no_grad():
+        out = loaded.vision.model.generate(input_ids=prepared.input_ids, pixel_values=prepared.pixel_values,
+                                           max_new_tokens=16, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id)
+    expected = out[0, prepared.input_ids.shape[1]:].tolist()
+    assert len(expected) == 16
+    tokens = identity_engine.generate(**prepared.backbone_inputs(), max_new_tokens=16,
+                                      eos_token_id=tokenizer.eos_token_id)
+    assert tokens[0].tolist() == expected
     text = tokenizer.decode(expected, skip_special_tokens=True)
-    assert generate_text(identity_engine, [images[0]], PROMPT, max_new_tokens=6) == [text]
+    assert generate_text(identity_engine, [images[0]], PROMPT, max_new_tokens=16) == [text]
+    pieces = list(stream_text(identity_engine, [images[0]], PROMPT, max_new_tokens=16))  # as they come
+    assert len(pieces) > 1 and "".join(pieces) == text
     capsys.readouterr()
     assert main(["run", str(identity_engine.path), "--image", str(images[0]), "--prompt", PROMPT,
-                 "--max-new-tokens", "6"]) == 0
+                 "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out == text + "\n"
     assert main(["run", str(identity_engine.path), "--image", str(images[0]), "--prompt", "no placeholder"]) == 2
 

@@ -196,3 +196,23 @@ def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool 
     new = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in new]
+
+
+def stream_text(engine, images, prompt: str, max_new_tokens: int = 32, chat: bool = True):
+    """One prompt's greedy answer as it is generated: yields text pieces (one per token, held back
+    while a token ends inside a multi-byte character) that join to generate_text's answer."""
+    prepared = engine.prepare(images, prompt, chat=chat)
+    tokenizer = engine.front_end.tokenizer
+    tokens, shown = [], ""
+    for step in engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
+                                eos_token_id=tokenizer.eos_token_id, stream=True):
+        if step[0] is None:
+            break
+        tokens.append(step[0])
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.startswith(shown) and not text.endswith("\ufffd") and text != shown:
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if text != shown:
+        yield text[len(shown):]
