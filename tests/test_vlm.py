@@ -114,6 +114,9 @@ def test_batch_of_different_image_sizes_in_one_call(which, identity_engine, merg
     together = generate_text(engine, imgs, prompts, max_new_tokens=8)
     alone = [generate_text(engine, [im], p, max_new_tokens=8)[0] for im, p in zip(imgs, prompts)]
     assert together == alone
+    assert engine.generate(images=[[im] for im in imgs], prompts=prompts, max_new_tokens=8) == alone
+    steps = list(engine.generate(images=[[im] for im in imgs], prompts=prompts, max_new_tokens=8, stream=True))
+    assert ["".join(step[i] or "" for step in steps) for i in range(3)] == alone
     new = engine.generate(**prepared.backbone_inputs(), max_new_tokens=8)  # tokens, not just their text
     for i, (im, p) in enumerate(zip(imgs, prompts)):
         assert new[i].tolist() == engine.generate(**engine.prepare([im], p).backbone_inputs(), max_new_tokens=8)[0].tolist()

@@ -160,14 +160,28 @@ class Engine:
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
                  rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None,
-                 stream: bool = False):
+                 stream: bool = False, images=None, prompts=None, chat: bool = True):
         """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
         embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
         engines that take them, rope_positions ([3, B, S] or [3, S] each) and deepstack ([D, B, S, H]
         or [D, S, H] each). Samples of equal shapes share one prefill call; all share each decode step.
         Returns each sample's new tokens (1-D LongTensors, ending at eos), or with stream=True an
-        iterator yielding, per step, a list of each sample's new token (None once it has ended)."""
+        iterator yielding, per step, a list of each sample's new token (None once it has ended).
+
+        VLM engines: prompts= (one "<image>" per image) and images= instead, as prepare() takes
+        them; returns each prompt's answer as text (generation stops at the tokenizer's eos), or
+        with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import generate
+
+        if prompts is not None or images is not None:
+            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_positions, vision_mask,
+                                                              rope_positions, deepstack, eos_token_id)):
+                raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+            from .multimodal import generate_text, stream_texts
+
+            if stream:
+                return stream_texts(self, images, prompts, max_new_tokens, chat)
+            return generate_text(self, images, prompts, max_new_tokens, chat)
 
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
                         vision_mask=vision_mask, rope_positions=rope_positions, deepstack=deepstack,

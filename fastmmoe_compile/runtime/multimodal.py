@@ -198,21 +198,34 @@ def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool 
     return [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in new]
 
 
-def stream_text(engine, images, prompt: str, max_new_tokens: int = 32, chat: bool = True):
-    """One prompt's greedy answer as it is generated: yields text pieces (one per token, held back
-    while a token ends inside a multi-byte character) that join to generate_text's answer."""
-    prepared = engine.prepare(images, prompt, chat=chat)
+def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True):
+    """Greedy answers as they are generated: yields, per decode step, each prompt's new text piece
+    ("" while its last token ends inside a multi-byte character, None once the prompt has ended).
+    Each prompt's pieces join to its generate_text answer."""
+    prepared = engine.prepare(images, prompts, chat=chat)
     tokenizer = engine.front_end.tokenizer
-    tokens, shown = [], ""
+    count = len(prepared.input_ids)
+    tokens, shown = [[] for _ in range(count)], [""] * count
     for step in engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
                                 eos_token_id=tokenizer.eos_token_id, stream=True):
-        if step[0] is None:
-            break
-        tokens.append(step[0])
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.startswith(shown) and not text.endswith("\ufffd") and text != shown:
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if text != shown:
-        yield text[len(shown):]
+        pieces = []
+        for i, token in enumerate(step):
+            if token is None:
+                pieces.append(None)
+                continue
+            tokens[i].append(token)
+            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+            ready = text.startswith(shown[i]) and not text.endswith("\ufffd")
+            pieces.append(text[len(shown[i]):] if ready else "")
+            shown[i] = text if ready else shown[i]
+        yield pieces
+    rest = [tokenizer.decode(t, skip_special_tokens=True)[len(s):] for t, s in zip(tokens, shown)]
+    if any(rest):  # what was held back at the end
+        yield rest
+
+
+def stream_text(engine, images, prompt: str, max_new_tokens: int = 32, chat: bool = True):
+    """One prompt's answer as it is generated: its non-empty text pieces (stream_texts)."""
+    for pieces in stream_texts(engine, images, prompt, max_new_tokens, chat):
+        if pieces[0]:
+            yield pieces[0]
