@@ -251,14 +251,15 @@ def test_unsupported_onnx_inputs_fail_cleanly(tmp_path, capsys):
 def test_onnx_engine_with_rope_positions_and_deepstack():
     """Qwen3-VL-MoE's backbone takes two more inputs (3D rotary positions, deepstack features):
     an ORT engine with Top-Kv + a merge before the last deepstack layer gives the export
-    backend's logits, kept tokens and greedy tokens for an image prompt."""
+    backend's logits and kept tokens for an image prompt. (Prefill only: decode steps take text
+    tokens at plain positions, the decode program every family shares, tested above.)"""
     import numpy as np
     from PIL import Image
 
     loaded = tiny_model("tiny-qwen3-vl-moe")
     config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5, merge_layers=(1,), keep_ratio=0.5)
-    reference = compile_model(loaded, config, backend="export", quiet=True)
-    engine = compile_model(loaded, config, backend="onnx", quiet=True)
+    reference = compile_model(loaded, config, backend="export", quiet=True, decode=False)
+    engine = compile_model(loaded, config, backend="onnx", quiet=True, decode=False)
     image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
     inputs = reference.prepare([image], "<image> What is it?").backbone_inputs()
     assert set(inputs) == {"inputs_embeds", "vision_positions", "rope_positions", "deepstack"}
@@ -266,5 +267,4 @@ def test_onnx_engine_with_rope_positions_and_deepstack():
     assert torch.equal(ours.kept_positions, theirs.kept_positions)
     assert ours.kept_positions.shape[1] < inputs["inputs_embeds"].shape[1]  # the merge ran
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
-    assert [t.tolist() for t in engine.generate(**inputs, max_new_tokens=6)] == \
-        [t.tolist() for t in reference.generate(**inputs, max_new_tokens=6)]
+    assert torch.equal(ours.next_positions, theirs.next_positions)
