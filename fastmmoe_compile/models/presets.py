@@ -99,6 +99,12 @@ def _lazy(module: str, function: str) -> Callable:
     return call
 
 
+def _tiny_vlm(name: str, model_type: str, module: str, description: str) -> Preset:
+    """A tiny random VLM: models.<module>'s tiny_config() and tiny_processing() (tokenizer, image processor)."""
+    return Preset(name, model_type, "tiny random", description, _lazy(module, "tiny_config"),
+                  make_processing=_lazy(module, "tiny_processing"))
+
+
 def _qwen3_vl_30b_a3b():
     from transformers import Qwen3VLMoeConfig
 
@@ -151,25 +157,21 @@ PRESETS.update({
         Preset("internvl3.5-30b-a3b-backbone", "qwen3_moe", "real-size shape (meta)",
                "InternVL3.5-30B-A3B language backbone: 48 layers, hidden 2048, 128 experts top-8",
                _internvl35_30b_a3b_backbone),
-        Preset("tiny-internvl", "internvl", "tiny random",
-               "InternVL layout: 2-layer InternViT (112 px tiles, 16 tokens each) + 4-layer qwen3_moe, "
-               "8 experts top-4, with a byte-level tokenizer, chat template and image processor",
-               _lazy("internvl", "tiny_config"), make_processing=_lazy("internvl", "tiny_processing")),
-        Preset("tiny-qwen3-vl-moe", "qwen3_vl_moe", "tiny random",
-               "Qwen3-VL-MoE layout: 3-block ViT (8 px patches, 2x2 merge, deepstack from 2 blocks, any image "
-               "size) + 4-layer qwen3_vl_moe_text with 3D rotary positions, 8 experts top-4, with a byte-level "
-               "tokenizer, chat template and image processor",
-               _lazy("qwen3_vl_moe", "tiny_config"), make_processing=_lazy("qwen3_vl_moe", "tiny_processing")),
-        Preset("tiny-deepseek-vl2", "deepseek_vl_v2", "tiny random",
-               "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
-               "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
-               "tokenizer and the official image processor config",
-               _lazy("deepseek_vl2", "tiny_config"), make_processing=_lazy("deepseek_vl2", "tiny_processing")),
-        Preset("tiny-glm4v-moe", "glm4v_moe", "tiny random",
-               "GLM-4.5V layout: 2-layer GLM ViT (4 px patches, 2x2 merge, any image size up to 48x48 px) + "
-               "a 3-layer glm4v_moe_text (first layer dense, 8 experts top-4 in 2 groups, 3D rotary), with a "
-               "byte-level tokenizer, chat template and image processor",
-               _lazy("glm4v_moe", "tiny_config"), make_processing=_lazy("glm4v_moe", "tiny_processing")),
+        _tiny_vlm("tiny-internvl", "internvl", "internvl",
+                  "InternVL layout: 2-layer InternViT (112 px tiles, 16 tokens each) + 4-layer qwen3_moe, "
+                  "8 experts top-4, with a byte-level tokenizer, chat template and image processor"),
+        _tiny_vlm("tiny-qwen3-vl-moe", "qwen3_vl_moe", "qwen3_vl_moe",
+                  "Qwen3-VL-MoE layout: 3-block ViT (8 px patches, 2x2 merge, deepstack from 2 blocks, any image "
+                  "size) + 4-layer qwen3_vl_moe_text with 3D rotary positions, 8 experts top-4, with a byte-level "
+                  "tokenizer, chat template and image processor"),
+        _tiny_vlm("tiny-deepseek-vl2", "deepseek_vl_v2", "deepseek_vl2",
+                  "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
+                  "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
+                  "tokenizer and the official image processor config"),
+        _tiny_vlm("tiny-glm4v-moe", "glm4v_moe", "glm4v_moe",
+                  "GLM-4.5V layout: 2-layer GLM ViT (4 px patches, 2x2 merge, any image size up to 48x48 px) + "
+                  "a 3-layer glm4v_moe_text (first layer dense, 8 experts top-4 in 2 groups, 3D rotary), with a "
+                  "byte-level tokenizer, chat template and image processor"),
         Preset("internvl3.5-30b-a3b", "internvl", "real-size shape (meta)",
                "InternVL3.5-30B-A3B: InternViT-300M (448 px tiles, 256 tokens each) + the 30B-A3B backbone",
                _internvl35_30b_a3b),
