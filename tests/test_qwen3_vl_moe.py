@@ -80,8 +80,8 @@ def test_input_side_matches_transformers(identity_engine, loaded, images):
     rope, delta = loaded.vision.model.model.get_rope_index(expected["input_ids"], expected["mm_token_type_ids"],
                                                            image_grid_thw=expected["image_grid_thw"])
     assert torch.equal(prepared.rope_positions, rope)
-    positions, next_position = FAMILY.rope_positions(prepared.input_ids[0], grids, identity_engine.front_end.facts)
-    assert next_position == prepared.input_ids.shape[1] + int(delta) < prepared.input_ids.shape[1]
+    next_position = identity_engine.prefill(**prepared.backbone_inputs()).next_positions  # where decode starts
+    assert int(next_position) == prepared.input_ids.shape[1] + int(delta) < prepared.input_ids.shape[1]
 
 
 def test_exported_vision_encoder_is_hf_get_image_features(identity_engine, loaded, images):

@@ -47,11 +47,14 @@ class MoEFamily:
         return lm.model
 
     def run_decoder(self, lm: torch.nn.Module, inputs_embeds: torch.Tensor, position_ids=None,
-                    **extras: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden state [B, S, H]. position_ids: None (0..S-1) or [B, S] (decode);
-        extras: this family's extra_inputs by name (prefill only)."""
-        return self.decoder(lm)(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                use_cache=False).last_hidden_state
+                    rope_positions=None, **decoder_kwargs) -> torch.Tensor:
+        """The decoder's last hidden state [B, S, H]. position_ids: None (0..S-1) or [B, S] (decode).
+        rope_positions [3, B, S] (prefill of M-RoPE families): transformers' multimodal-rotary text
+        models take them as position_ids (and expand [B, S] to 3 equal rows). decoder_kwargs go to
+        the HF decoder as they are (families with more extra_inputs override this and translate)."""
+        positions = rope_positions if rope_positions is not None else position_ids
+        return self.decoder(lm)(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False,
+                                **decoder_kwargs).last_hidden_state
 
     def moe_blocks(self, lm: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         """(layer index, MoE block) for every routed-MoE layer; dense layers are skipped."""

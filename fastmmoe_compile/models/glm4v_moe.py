@@ -25,7 +25,6 @@ import dataclasses
 import torch
 
 from . import deepseek, grid_vlm
-from .base import MoEFamily
 
 BEGIN, IMAGE, END = "<|begin_of_image|>", "<|image|>", "<|end_of_image|>"
 
@@ -35,18 +34,6 @@ def causal_lm_class() -> type:
     from transformers.models.glm4v_moe import modeling_glm4v_moe as m
 
     return grid_vlm.text_causal_lm_class(m.Glm4vMoePreTrainedModel, m.Glm4vMoeTextModel, m.Glm4vMoeTextConfig)
-
-
-@dataclasses.dataclass(frozen=True)
-class Glm4vMoeTextFamily(MoEFamily):
-    """GLM-4.5's MoE facts plus the "rope_positions" input."""
-
-    def run_decoder(self, lm, inputs_embeds, position_ids=None, rope_positions=None, **extras):
-        # Prefill: the 3D positions [3, B, S]; decode: text positions [B, 1], which the model
-        # expands to three identical rows.
-        positions = rope_positions if rope_positions is not None else position_ids
-        return self.decoder(lm)(inputs_embeds=inputs_embeds, position_ids=positions,
-                                use_cache=False).last_hidden_state
 
 
 def tiny_text_config():
@@ -65,11 +52,9 @@ def tiny_text_config():
     )
 
 
-_routed = deepseek._sigmoid_routed("glm4v_moe_text", tiny_text_config)  # GLM-4.5's routing facts, one place
-TEXT_FAMILY = Glm4vMoeTextFamily(**{
-    **{f.name: getattr(_routed, f.name) for f in dataclasses.fields(_routed)},
-    "extra_inputs": ("rope_positions",),
-})
+# GLM-4.5's routing facts (one place: deepseek.py), plus the 3D rotary positions as a prefill input.
+TEXT_FAMILY = dataclasses.replace(deepseek._sigmoid_routed("glm4v_moe_text", tiny_text_config),
+                                  extra_inputs=("rope_positions",))
 
 
 # --- vision encoder --------------------------------------------------------------------

@@ -56,9 +56,9 @@ def text_causal_lm_class(pretrained_base: type, text_model: type, config_class: 
     return TextForCausalLM
 
 
-def rope_index(input_ids: torch.Tensor, grids: list, image_token_id: int, merge: int) -> tuple[torch.Tensor, int]:
-    """One sample's 3D rotary positions [3, S] and where decode continues (max + 1), as HF's
-    get_rope_index (Qwen3-VL, GLM-4.5V) computes them: text tokens advance all three axes by one;
+def rope_index(input_ids: torch.Tensor, grids: list, image_token_id: int, merge: int) -> torch.Tensor:
+    """One sample's 3D rotary positions [3, S], as HF's get_rope_index (Qwen3-VL, GLM-4.5V) computes
+    them (the engine continues decoding at their max + 1): text tokens advance all three axes by one;
     each run of image tokens is one image, whose tokens take (start + t', start + h', start + w')
     over its merged grid, and the text after it resumes at start + max(h, w) / merge."""
     ids = input_ids.tolist()
@@ -83,8 +83,7 @@ def rope_index(input_ids: torch.Tensor, grids: list, image_token_id: int, merge:
         i = j
     if image != len(grids):
         raise ValueError(f"{image} image-token runs in the prompt for {len(grids)} image(s)")
-    positions = torch.cat(columns, dim=1).to(torch.long) if columns else torch.zeros(3, 0, dtype=torch.long)
-    return positions, int(positions.max()) + 1 if columns else 0
+    return torch.cat(columns, dim=1).to(torch.long) if columns else torch.zeros(3, 0, dtype=torch.long)
 
 
 class GridVLMFamily(VLMFamily):
@@ -168,7 +167,7 @@ class GridVLMFamily(VLMFamily):
     def arrange(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
         return outputs[0]  # merged patch groups, image by image: prompt order
 
-    def rope_positions(self, input_ids: torch.Tensor, grids: list, facts: dict):
+    def rope_positions(self, input_ids: torch.Tensor, grids: list, facts: dict) -> torch.Tensor:
         return rope_index(input_ids, grids, int(facts["image_token_id"]), self.merge_size(facts))
 
     # --- export of the vision encoder ---------------------------------------------------

@@ -102,17 +102,12 @@ class Qwen3VLMoeTextFamily(MoEFamily):
     def deepstack_layers(self, config) -> int:
         return int(getattr(config, DEEPSTACK_ATTR, 0))
 
-    def run_decoder(self, lm, inputs_embeds, position_ids=None, rope_positions=None, deepstack=None, **extras):
-        if extras:
-            raise TypeError(f"{self.model_type} takes no {sorted(extras)}")
-        decoder = self.decoder(lm)
-        # [3, B, S] reaches HF's rotary as is; [B, S] (decode) is expanded to 3 equal rows by HF.
-        positions = rope_positions if rope_positions is not None else position_ids
-        if deepstack is None:
-            return decoder(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False).last_hidden_state
-        with additive_deepstack(decoder):  # HF adds deepstack[l] after layer l for l < len(deepstack)
-            return decoder(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False,
-                           visual_pos_masks=None, deepstack_visual_embeds=deepstack).last_hidden_state
+    def run_decoder(self, lm, inputs_embeds, position_ids=None, rope_positions=None, deepstack=None):
+        if deepstack is None:  # decode steps, text-only calls
+            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions)
+        with additive_deepstack(self.decoder(lm)):  # HF adds deepstack[l] after layer l for l < len(deepstack)
+            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions,
+                                       visual_pos_masks=None, deepstack_visual_embeds=deepstack)
 
 
 TEXT_FAMILY = Qwen3VLMoeTextFamily(

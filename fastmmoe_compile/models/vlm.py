@@ -109,9 +109,9 @@ class VLMFamily:
         image tokens, in prompt order (the runtime places them at the image-token positions)."""
         return None
 
-    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict):
+    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict) -> torch.Tensor:
         """Families whose backbone takes "rope_positions": one sample's input_ids [S] and its images'
-        layouts -> ([3, S] int64 rotary positions, the position of the first generated token)."""
+        layouts (none for a text-only prompt) -> its [3, S] int64 rotary positions."""
         raise NotImplementedError
 
     # --- export of the vision encoder (export/vision.py) ----------------------------------

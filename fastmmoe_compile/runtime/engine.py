@@ -73,10 +73,8 @@ class Engine:
         Engines of families with multimodal rotary positions / deepstack features also take
         rope_positions [3, B, S] (default: 0..S-1 on all three) and deepstack [D, B, S, H] (default 0).
         VLM engines also take prompts= (and images=), see prepare()."""
-        if prompts is not None or images is not None:
-            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_mask, vision_positions,
-                                                              rope_positions, deepstack)):
-                raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_mask, vision_positions,
+                          rope_positions, deepstack):
             prepared = self.prepare(images, prompts, chat=chat)
             if not prepared.batched:
                 raise ValueError(f"the prompts tokenize to different shapes (lengths "
@@ -173,10 +171,8 @@ class Engine:
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import generate
 
-        if prompts is not None or images is not None:
-            if prompts is None or any(x is not None for x in (input_ids, inputs_embeds, vision_positions, vision_mask,
-                                                              rope_positions, deepstack, eos_token_id)):
-                raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
+                          rope_positions, deepstack, eos_token_id):
             from .multimodal import generate_text, stream_texts
 
             if stream:
@@ -186,6 +182,15 @@ class Engine:
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
                         vision_mask=vision_mask, rope_positions=rope_positions, deepstack=deepstack,
                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stream=stream)
+
+
+def _prompts_given(images, prompts, *tensor_inputs) -> bool:
+    """Whether a call takes prompts= (with images=) rather than tensors; refuses a mix of both."""
+    if prompts is None and images is None:
+        return False
+    if prompts is None or any(x is not None for x in tensor_inputs):
+        raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+    return True
 
 
 def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torch.Tensor:

@@ -118,8 +118,7 @@ class FrontEnd:
                 if n:
                     deep[-1][:, mask] = deepstack[:, offset:offset + n]
             if "rope_positions" in extra:
-                rope.append(self.family.rope_positions(x, per_sample_layouts[i], self.facts)[0] if n
-                            else torch.arange(x.shape[0]).expand(3, -1))
+                rope.append(self.family.rope_positions(x, per_sample_layouts[i], self.facts))
             offset += n
         positions = [m.nonzero()[:, 0] for m in masks]
         prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles,
