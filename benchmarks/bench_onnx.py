@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastmmoe_compile.bench import interleaved, timer
+from fastmmoe_compile.bench import time_prefill
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_topkv import build  # noqa: E402  (the same preset builder, with --layers)
@@ -77,9 +77,7 @@ def main(argv=None) -> dict:
         decode = bench_decode(loaded, args, Path(d), log) if args.decode_steps > 0 else None
     with torch.no_grad():
         ref = {k: fn(*inputs)[0] for k, fn in variants.items()}  # also the warm-up
-        timed = timer(torch.device("cpu"))  # interleaved reps, the order rotated every rep
-        times = interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in variants.items()},
-                            args.reps, log, "prefill")
+        times = time_prefill(variants, inputs, args.reps, log)  # interleaved reps, the order rotated
 
     cmp = flops.compare(loaded, config, args.text, args.vision)
     rows = []

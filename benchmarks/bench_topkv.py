@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastmmoe_compile.bench import interleaved, timer
+from fastmmoe_compile.bench import time_prefill
 
 
 def parse_args(argv=None):
@@ -99,9 +99,7 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup - 1):
             for fn in variants.values():
                 fn(*inputs)
-        timed = timer(torch.device("cpu"))  # interleaved reps, the order rotated every rep
-        times = interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in variants.items()},
-                            args.reps, log, "prefill")
+        times = time_prefill(variants, inputs, args.reps, log)  # interleaved reps, the order rotated
 
     cmp = flops.compare(loaded, config, args.text, args.vision)
     rows = []

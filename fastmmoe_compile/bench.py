@@ -400,8 +400,7 @@ def main(argv=None, prog=None) -> dict:
                 checks[f"{lowering}/{name}"] = {
                     "max_abs_logit_diff_vs_eager": (logits.float() - ref_logits.float()).abs().max().item(),
                     "same_kept_tokens": bool(torch.equal(kept, ref_kept))}
-        times = interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in fns.items()}, args.reps, log,
-                            "prefill")
+        times = time_prefill(fns, inputs, args.reps, log, timed)
 
     decode_times, decode_tokens = {}, {}
     if decode:
@@ -465,6 +464,12 @@ def main(argv=None, prog=None) -> dict:
     if args.out_dir:
         write_results(Path(args.out_dir), result, log)
     return result
+
+
+def time_prefill(fns: dict, inputs: tuple, reps: int, log, timed=None) -> dict:
+    """{key: [seconds of fns[key](*inputs) per rep]}, interleaved (timed: timer(device), default CPU)."""
+    timed = timed or timer(torch.device("cpu"))
+    return interleaved({k: (lambda fn=fn: timed(fn, *inputs)[0]) for k, fn in fns.items()}, reps, log, "prefill")
 
 
 def interleaved(calls: dict, reps: int, log, what: str) -> dict:
