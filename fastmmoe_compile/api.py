@@ -36,7 +36,7 @@ def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *
     """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
     With cache=True the program also returns every layer's KV cache (export/decode.py)."""
     config = config or FastMMoEConfig()
-    with step("load", quiet):
+    with step("load", quiet), _users_model_kept(model_or_path):
         loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype)
     config.check_model(loaded.family.num_layers(loaded.config), loaded.family.top_k(loaded.config))
     with step("export", quiet):
@@ -64,6 +64,24 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     config = config or FastMMoEConfig()
+    with _users_model_kept(model_or_path):
+        return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode)
+
+
+@contextlib.contextmanager
+def _users_model_kept(model_or_path):
+    """Loading and exporting switch a model to eval mode without gradients; a model object the
+    user passed gets its own training flags and requires_grad back afterwards."""
+    from .transformers_compat import frozen_for_export
+
+    if isinstance(model_or_path, torch.nn.Module):
+        with frozen_for_export(model_or_path):
+            yield
+    else:
+        yield
+
+
+def _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode) -> Engine:
     loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
     if loaded.on_meta:
         raise ValueError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "

@@ -16,7 +16,7 @@ onto the pre-merge stream (wrapped in a profiler range).
 Decode: after each variant's prefill, --decode-steps greedy steps through the engine's decode
 path (Engine.start_decode / Engine.decode: the unmodified one-token step program, eager or
 torch.compile'd like the prefill, over that variant's per-layer caches, shorter after merges);
-the transformers row decodes with HF's DynamicCache (past_key_values, cropped back to the
+the transformers row decodes with HF's DynamicCache (passed back each step, cropped back to the
 prompt between repetitions). Median ms per step and tokens/s (batch 1).
 
 --device cuda builds the real-size presets (internvl3.5-30b-a3b-backbone, deepseek-vl2-small-
@@ -289,15 +289,17 @@ def engine_decoder(engine, prefill_out, seq: int, steps: int):
 
 def hf_decoder(loaded, embeds: torch.Tensor, steps: int):
     """transformers' decode as users run it: one prefill into a DynamicCache, then one-token
-    forwards with past_key_values; the cache is cropped back to the prompt before every run."""
+    forwards with the cache; the cache is cropped back to the prompt before every run."""
+    from .transformers_compat import cache_kwargs, output_cache
+
     with torch.no_grad():
         out = loaded.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-    cache, first, seq = out.past_key_values, out.logits[:, -1], embeds.shape[1]
+    cache, first, seq = output_cache(out), out.logits[:, -1], embeds.shape[1]
 
     def one(token):
         with torch.no_grad():
-            return loaded.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True,
-                             logits_to_keep=1).logits[:, -1]
+            return loaded.lm(input_ids=token[:, None], use_cache=True, logits_to_keep=1,
+                             **cache_kwargs(loaded.lm, cache)).logits[:, -1]
 
     def start():
         if cache.get_seq_length() > seq:

@@ -210,6 +210,8 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
     deepstack [D, B, S, H]: as in eager_fastmmoe (prefill only; new tokens are text tokens)."""
     from transformers import DynamicCache
 
+    from fastmmoe_compile.transformers_compat import cache_kwargs  # the keyword differs across releases
+
     model = lm.model
     previous_attn = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"
@@ -231,12 +233,12 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
                     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
                     if index not in stages:
                         h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope,
-                                  past_key_values=cache)
+                                  **cache_kwargs(layer, cache))
                         h = with_deepstack(h, deepstack, index, b, positions)
                         continue
                     attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
                                                         position_embeddings=rope, attention_mask=causal,
-                                                        past_key_values=cache)
+                                                        **cache_kwargs(layer.self_attn, cache))
                     h = h + attn_out
                     a = weights[0, :, -1, :].float().mean(dim=0)
                     p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
@@ -254,7 +256,7 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
                     rope = model.rotary_emb(h, position_ids=pos)
                     for layer in model.layers:
                         h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope,
-                                  past_key_values=cache)
+                                  **cache_kwargs(layer, cache))
                     token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
                     tokens.append(token)
             results.append(tokens)

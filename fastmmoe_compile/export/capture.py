@@ -16,6 +16,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..models.registry import LoadedModel
+from ..transformers_compat import frozen_for_export, sdpa_attention
 from .decode import RecordingCache, attention_modules, injected_cache
 from .dispatch import owned_dispatch
 
@@ -70,14 +71,16 @@ def input_names(loaded: LoadedModel) -> tuple[str, ...]:
 
 
 def export_backbone(loaded: LoadedModel, max_seq: int | None = None, cache: bool = False) -> ExportedProgram:
-    """Export the backbone with our dispatch in place of the experts' forward (and its KV cache outputs)."""
-    lm = loaded.lm.eval()
-    for p in lm.parameters():
-        p.requires_grad_(False)
+    """Export the backbone with our dispatch in place of the experts' forward (and its KV cache outputs).
+
+    Attention is exported as SDPA whatever the model was loaded with (the token-reduction passes
+    rewrite `scaled_dot_product_attention`); the model's own settings come back afterwards."""
+    lm = loaded.lm
     max_seq = max_seq or int(getattr(loaded.config, "max_position_embeddings", 32768))
     batch, seq, vision = Dim("B", min=1, max=4096), Dim("S", min=2, max=max_seq), Dim("N", min=0, max=max_seq)
     axes = {"inputs_embeds": {0: batch, 1: seq}, "vision_positions": {0: batch, 1: vision},
             "rope_positions": {1: batch, 2: seq}, "deepstack": {1: batch, 2: seq}}
-    with owned_dispatch(loaded.family.experts_modules(lm)), torch.no_grad():
+    with owned_dispatch(loaded.family.experts_modules(lm)), torch.no_grad(), frozen_for_export(lm), \
+            sdpa_attention(lm):
         return torch.export.export(Backbone(loaded, cache), example_inputs(loaded), strict=False,
                                    dynamic_shapes={name: axes[name] for name in input_names(loaded)})

@@ -1,7 +1,7 @@
 """The KV cache, in and out of the exported programs.
 
 Prefill: every attention module gets a recording cache, so the program also returns what
-the layer caches (what its HF `past_key_values.update` receives: post-rotary keys and
+the layer caches (what its HF cache's `update` receives: post-rotary keys and
 values, or DeepSeek's compressed MLA latents). The mask and attention are untouched, so
 the prefill graph is the same one the passes rewrite; a merge shortens the caches of later
 layers by construction (layer l's cache holds the tokens that reached layer l).
@@ -21,6 +21,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..models.registry import LoadedModel
+from ..transformers_compat import cache_keyword, frozen_for_export, sdpa_attention
 from .dispatch import owned_dispatch
 
 
@@ -33,7 +34,7 @@ def attention_modules(loaded: LoadedModel) -> list[torch.nn.Module]:
 
 
 class RecordingCache:
-    """Duck-typed `past_key_values` for prefill: keeps each layer's update, changes nothing."""
+    """Duck-typed KV cache (what attention modules call `.update` on) for prefill: keeps each layer's update, changes nothing."""
 
     def __init__(self):
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -44,7 +45,7 @@ class RecordingCache:
 
 
 class StepCache:
-    """Duck-typed `past_key_values` for one decode step over explicit per-layer caches."""
+    """Duck-typed KV cache for one decode step over explicit per-layer caches."""
 
     def __init__(self, keys, values):
         self.keys, self.values = keys, values  # per layer [L, B, heads, dim]
@@ -62,12 +63,13 @@ class StepCache:
 def injected_cache(modules, cache, masks=None):
     """Hand `cache` (and, per layer, an attention mask) to every attention module's forward.
 
-    The model itself runs with past_key_values=None, so its own mask code is unchanged."""
+    The model itself runs without a cache, so its own mask code is unchanged. The keyword
+    follows the installed transformers (transformers_compat.cache_keyword)."""
     handles = []
 
-    def hook_for(index):
+    def hook_for(index, keyword):
         def hook(module, args, kwargs):
-            kwargs["past_key_values"] = cache
+            kwargs[keyword] = cache
             if masks is not None:
                 kwargs["attention_mask"] = masks[index]
             return args, kwargs
@@ -78,7 +80,7 @@ def injected_cache(modules, cache, masks=None):
         for i, m in enumerate(modules):
             if getattr(m, "layer_idx", i) != i:
                 raise NotImplementedError(f"attention module {i} has layer_idx {m.layer_idx}")
-            handles.append(m.register_forward_pre_hook(hook_for(i), with_kwargs=True))
+            handles.append(m.register_forward_pre_hook(hook_for(i, cache_keyword(m)), with_kwargs=True))
         yield cache
     finally:
         for h in handles:
@@ -138,10 +140,14 @@ def example_decode_inputs(loaded: LoadedModel, batch: int = 2):
 
 
 def export_decode(loaded: LoadedModel, max_seq: int | None = None) -> ExportedProgram:
-    """Export the one-token step (no passes: decode tokens are text tokens, plain top-K)."""
-    lm = loaded.lm.eval()
-    for p in lm.parameters():
-        p.requires_grad_(False)
+    """Export the one-token step (no passes: decode tokens are text tokens, plain top-K), with
+    SDPA attention whatever the model was loaded with (its own settings come back afterwards)."""
+    with frozen_for_export(loaded.lm), sdpa_attention(loaded.lm):
+        return _export_decode(loaded, max_seq)
+
+
+def _export_decode(loaded: LoadedModel, max_seq: int | None) -> ExportedProgram:
+    lm = loaded.lm
     max_seq = max_seq or int(getattr(loaded.config, "max_position_embeddings", 32768))
     embeds, positions, keys, values, masks = example_decode_inputs(loaded)
     batch = Dim("B", min=1, max=4096)

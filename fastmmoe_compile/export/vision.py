@@ -14,6 +14,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ..models.registry import LoadedModel
+from ..transformers_compat import frozen_for_export, sdpa_attention
 
 INPUT_NAMES = ("pixel_values",)
 
@@ -22,9 +23,7 @@ def export_vision(loaded: LoadedModel) -> ExportedProgram:
     vision = loaded.vision
     if vision is None:
         raise ValueError(f"{loaded.source} has no vision encoder")
-    encoder = vision.encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    args, dynamic = vision.family.vision_export_inputs(encoder, vision.describe())
-    with torch.no_grad(), vision.family.export_context():
+    encoder = vision.encoder
+    with torch.no_grad(), frozen_for_export(encoder), sdpa_attention(vision.model), vision.family.export_context():
+        args, dynamic = vision.family.vision_export_inputs(encoder, vision.describe())
         return torch.export.export(encoder, args, dynamic_shapes=dynamic, strict=False)

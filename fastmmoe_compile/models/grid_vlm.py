@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from ..transformers_compat import allow_experts_implementation, export_patches, output_cache, output_cache_field
 from .vlm import VLMFamily, chat_prompt, share_modules
 
 
@@ -27,11 +28,9 @@ def text_causal_lm_class(pretrained_base: type, text_model: type, config_class: 
     from transformers import AutoModelForCausalLM, GenerationMixin
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    @allow_experts_implementation
     class TextForCausalLM(pretrained_base, GenerationMixin):
         _no_split_modules = getattr(pretrained_base, "_no_split_modules", None)
-        # transformers decides this by grepping the class's module for @use_experts_implementation; the
-        # experts are HF's own (decorated) modules, so switching implementations works.
-        _can_set_experts_implementation_cached_value = True
 
         def __init__(self, config):
             super().__init__(config)
@@ -39,14 +38,15 @@ def text_causal_lm_class(pretrained_base: type, text_model: type, config_class: 
             self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.post_init()
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                    use_cache=None, logits_to_keep: int = 0, **kwargs):
+            # The KV cache passes through in kwargs, under whichever keyword this transformers uses.
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=out.past_key_values)
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]),
+                                          **{output_cache_field(CausalLMOutputWithPast): output_cache(out)})
 
     TextForCausalLM.config_class = config_class
     TextForCausalLM.__name__ = TextForCausalLM.__qualname__ = text_model.__name__.replace("Model", "ForCausalLM")
@@ -188,6 +188,4 @@ class GridVLMFamily(VLMFamily):
     def export_context(self):
         """transformers' export patches: the packed vision attention (a cu_seqlens split loop) becomes
         one reshape-into-batch SDPA; one image per call is one segment."""
-        from transformers.exporters.utils import apply_patches
-
-        return apply_patches("dynamo")
+        return export_patches()

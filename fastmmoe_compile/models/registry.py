@@ -79,12 +79,16 @@ def load_model(model_or_path, dtype: torch.dtype | None = None) -> LoadedModel:
     from .presets import PRESETS
 
     if isinstance(model_or_path, PreTrainedModel):
+        own = next(model_or_path.parameters()).dtype
+        if dtype is not None and dtype != own:  # .to() would convert the user's object in place
+            raise ValueError(f"dtype={dtype} for an in-memory {own} model: convert it first (model.to({dtype})); "
+                             "the compiler does not change the model object it is given")
         if getattr(model_or_path.config, "model_type", None) in VLM_FAMILIES:
-            return load_vlm(model_or_path.to(dtype) if dtype else model_or_path, "<in-memory model>")
+            return load_vlm(model_or_path, "<in-memory model>")
         lm = model_or_path
         family = family_for(lm.config)
         _check_causal_lm(lm)
-        return LoadedModel(lm.to(dtype) if dtype else lm, family, "<in-memory model>")
+        return LoadedModel(lm, family, "<in-memory model>")
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(f"expected a PreTrainedModel, a path, a hub id or a preset name, got {type(model_or_path)}")
     name = os.fspath(model_or_path)
