@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 
 import torch
@@ -107,7 +109,8 @@ class GridVLMFamily(VLMFamily):
     def causal_lm(self, model) -> torch.nn.Module:
         language_model = model.model.language_model
         with torch.device("meta"):
-            shell = self.text_causal_lm()(language_model.config)
+            # A copy: building a model sets the attention implementation on its config, and this one is the user's.
+            shell = self.text_causal_lm()(copy.deepcopy(language_model.config))
         shell = share_modules(shell, model=language_model, lm_head=model.lm_head)
         shell.config = language_model.config  # one config object: implementation switches reach the layers
         return shell.eval()

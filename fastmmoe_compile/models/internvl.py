@@ -10,6 +10,8 @@ constructing that class (it owns a video processor, which needs torchvision):
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .vlm import VLMFamily, byte_level_tokenizer, chat_prompt
@@ -58,7 +60,8 @@ class InternVLFamily(VLMFamily):
 
         language_model = model.model.language_model
         with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(language_model.config, attn_implementation="sdpa")
+            # A copy: building a model sets the attention implementation on its config, and this one is the user's.
+            shell = AutoModelForCausalLM.from_config(copy.deepcopy(language_model.config))
         shell = share_modules(shell, model=language_model, lm_head=model.lm_head)
         shell.config = language_model.config  # one config object: implementation switches reach the layers
         return shell.eval()
