@@ -5,7 +5,7 @@
 __version__ = "0.1.0"
 
 from .config import ConfigError, FastMMoEConfig, FastVConfig, config_preset  # noqa: E402
-from .runtime import Engine, EngineFormatError, PrefillResult, load_engine  # noqa: E402
+from .runtime import Engine, EngineFormatError, EngineInputError, PrefillResult, load_engine  # noqa: E402
 
 
 def compile_model(*args, **kwargs):
@@ -16,7 +16,7 @@ def compile_model(*args, **kwargs):
 
 
 __all__ = [
-    "ConfigError", "Engine", "EngineFormatError", "FastMMoEConfig", "FastVConfig", "PrefillResult",
+    "ConfigError", "Engine", "EngineFormatError", "EngineInputError", "FastMMoEConfig", "FastVConfig", "PrefillResult",
     "config_preset",
     "compile_model", "load_engine",
 ]

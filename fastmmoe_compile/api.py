@@ -15,9 +15,10 @@ from .config import FastMMoEConfig, FastVConfig
 from .export import export_backbone
 from .lower import BACKENDS, compile_in_process, package_aoti
 from .models import LoadedModel, load_model
+from .models.registry import check_model_name
 from .passes import PassRecord, apply_passes
 from .runtime.engine import BACKBONE_FILE, DECODE_FILE, EMBEDDINGS_FILE, Engine, load_engine
-from .runtime.manifest import atomic_directory, write_manifest
+from .runtime.manifest import atomic_directory, check_out, write_manifest
 from .runtime.onnx_runtime import DECODE_ONNX_FILE, ONNX_FILE
 
 
@@ -61,8 +62,12 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
         from .lower.onnx import require_onnx
 
         require_onnx()  # before the minutes of export, not after
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    # Say what is wrong before the minutes of loading and exporting: a mistyped model name, an
+    # --out that exists and is no engine, or one that cannot be written.
+    if isinstance(model_or_path, (str, os.PathLike)):
+        check_model_name(os.fspath(model_or_path))
+    if out is not None:
+        check_out(out, overwrite)
     config = config or FastMMoEConfig()
     with _users_model_kept(model_or_path):
         return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode)
@@ -108,6 +113,7 @@ def _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decod
             from safetensors.torch import save_file
 
             save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
+            _as_plain_file(tmp / EMBEDDINGS_FILE)
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
             manifest = _manifest(loaded, config, record, backend)
             if decode:
@@ -120,6 +126,14 @@ def _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decod
 
 
 _LOWERING = {"inductor": "AOTInductor", "onnx": "torch.onnx.export"}
+
+
+def _as_plain_file(path: Path) -> None:
+    """The mode open() would give (0666 less the umask): safetensors writes through a private
+    (0600) temp file, and the engine's other files are as readable as any."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _export_decode(loaded: LoadedModel, quiet: bool):

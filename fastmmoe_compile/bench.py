@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 GROUPS = ("unmodified", "topkv", "fastmmoe", "fastv")
+KEEP_RATIOS = "0.75,0.5,0.25"
 MERGE_OPS = ("fastmmoe::merge_tokens", "fastmmoe::last_token_attention", "fastmmoe::gather_tokens")
 CLONE_RANGE = "fastmmoe::router_clone"
 SDPA_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -64,14 +65,15 @@ def parse_args(argv=None, prog=None):
                    help="vision tokens, one image (default 1024 on cpu; 1792 on cuda: InternVL3.5's 6+1 tiles x 256)")
     p.add_argument("--text", type=int, default=64, help="text tokens")
     p.add_argument("--prefix", type=int, default=8, help="text tokens before the image")
-    p.add_argument("--keep-ratios", default="0.75,0.5,0.25", help="vision-token retentions of fastmmoe/fastv")
-    p.add_argument("--fastv-layer", type=int, default=2)
+    p.add_argument("--keep-ratios", default=KEEP_RATIOS, help="vision-token retentions of fastmmoe/fastv")
+    p.add_argument("--fastv-layer", type=int, default=None, help="the layer FastV prunes at (default 2)")
     p.add_argument("--variants", default=",".join(GROUPS),
                    help=f"comma list of groups ({', '.join(GROUPS)}) or variant names such as fastmmoe-50; "
                         "unmodified is always run (the baseline)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of every variant (the first checks outputs)")
-    p.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps timed per variant and rep")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="greedy decode steps timed per variant and rep (default 16; 0: no decode)")
     p.add_argument("--no-decode", action="store_true", help="prefill only (no cache outputs, no decode timing)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="eager ExportedProgram only")
@@ -82,10 +84,13 @@ def parse_args(argv=None, prog=None):
                    help="results dir: results.json, table.md and PNG plots (plots need matplotlib); "
                         "default benchmarks/results/bench_<device>")
     args = p.parse_args(argv)
+    _check_args(args)
     cuda = args.device == "cuda"
     args.preset = args.preset or ("internvl3.5-30b-a3b-backbone" if cuda else "bench-qwen3-moe")
     args.config_preset = args.config_preset or GPU_PRESETS.get(args.preset, "internvl3.5-30b-a3b")
-    args.vision = args.vision or (1792 if cuda else 1024)
+    args.vision = args.vision if args.vision is not None else (1792 if cuda else 1024)
+    args.fastv_layer = 2 if args.fastv_layer is None else args.fastv_layer
+    args.decode_steps = 16 if args.decode_steps is None else args.decode_steps
     args.out_dir = args.out_dir if args.out_dir is not None else f"benchmarks/results/bench_{args.device}"
     if cuda:
         args.no_profile = True  # the merge share reads CPU op times: meaningless for GPU kernels
@@ -94,6 +99,35 @@ def parse_args(argv=None, prog=None):
 
 class BenchError(ValueError):
     """Bad benchmark input (unknown preset or variant, no CUDA): one line, exit code 2 from the CLI."""
+
+
+def _check_args(args) -> None:
+    """Numbers in range, and no flag given that this run would ignore (None: not given)."""
+    for flag, least in (("vision", 1), ("text", 1), ("prefix", 0), ("reps", 1), ("warmup", 1), ("decode_steps", 0),
+                        ("threads", 1), ("layers", 1), ("profile_rows", 0), ("fastv_layer", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise BenchError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+    if args.prefix > args.text:
+        raise BenchError(f"--prefix {args.prefix} must be at most --text {args.text}: the prefix is part of the text")
+    try:
+        ratios = [float(r) for r in args.keep_ratios.split(",") if r.strip()]
+    except ValueError:
+        ratios = []
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise BenchError(f"--keep-ratios must be comma-separated numbers in (0, 1], got {args.keep_ratios!r}")
+    wanted = {w.strip() for w in args.variants.split(",")}
+    runs = {g for g in ("fastmmoe", "fastv") if g in wanted or any(w.startswith(g + "-") for w in wanted)}
+    if args.decode_steps is not None and args.no_decode:
+        raise BenchError("--decode-steps and --no-decode: pass one of them (--decode-steps 0 also skips decode)")
+    if args.profile_rows and (args.no_profile or args.device == "cuda"):
+        raise BenchError("--profile-rows needs the CPU profile: not with --no-profile or --device cuda")
+    if args.fastv_layer is not None and "fastv" not in runs:
+        raise BenchError("--fastv-layer needs fastv variants (--variants)")
+    if args.config_preset is not None and "fastmmoe" not in runs:
+        raise BenchError("--config-preset needs fastmmoe variants (--variants)")
+    if args.keep_ratios != KEEP_RATIOS and not runs:
+        raise BenchError("--keep-ratios needs fastmmoe or fastv variants (--variants)")
 
 
 def device_of(args) -> torch.device:

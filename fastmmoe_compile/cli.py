@@ -14,12 +14,20 @@ Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import signal
 import sys
+import threading
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
 SUBCOMMANDS = ("diff", "flops", "presets", "inspect", "run", "bench")
-_LIST_FIELDS = {"merge_layers", "stage_ratios"}  # comma-separated on the command line
+_LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
+              "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
+                              "(instead of --keep-ratio)"}
+# Flags of token merging: they act only where merge layers are set (--merge-layers or --preset).
+_MERGE_ONLY = ("keep_ratio", "stage_ratios", "merge_ratio", "window", "alpha", "strategy", "merge_method")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +35,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio)")
     parser.add_argument("--preset", choices=sorted(CONFIG_PRESETS), default=None,
                         help="the authors' settings for a model (spec section 3); explicit flags override")
-    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV: the layer that prunes (default: 2)")
+    parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
     group = parser.add_argument_group("FastMMoE configuration (defaults: spec section 3)")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
-        if f.name in _LIST_FIELDS:
-            group.add_argument(flag, type=str, default=None, help=f"comma-separated, e.g. 5,8,12 (default: {f.default})")
+        if f.name in _LIST_HELP:
+            group.add_argument(flag, type=str, default=None, help=f"{_LIST_HELP[f.name]} (default: {f.default})")
         elif f.name == "vision_topk":
             group.add_argument(flag, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
         elif f.name in ("strategy", "merge_method"):
@@ -42,16 +50,59 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=type(f.default), default=None, help=f"(default: {f.default})")
 
 
+def _flag(field: str) -> str:
+    return "--fastv-layer" if field == "prune_layer" else "--" + field.replace("_", "-")
+
+
+def _as_flags(message: str) -> str:
+    """A config error names dataclass fields (keep_ratio=0); the user typed flags (--keep-ratio 0)."""
+    names = [f.name for f in config_fields()] + ["prune_layer"]
+    return re.sub(rf"(?<![\w-])({'|'.join(names)})\b(=?)",
+                  lambda m: _flag(m.group(1)) + (" " if m.group(2) else ""), message)
+
+
 def _config_from(args) -> FastMMoEConfig | FastVConfig:
-    values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    typed = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
     if args.method == "fastv":
-        extra = set(values) - {"keep_ratio"}
-        if extra or args.preset:
-            raise ConfigError(f"--method fastv takes --fastv-layer and --keep-ratio only, not {sorted(extra)}")
-        return FastVConfig(prune_layer=args.fastv_layer, keep_ratio=values.get("keep_ratio", 0.5))
-    if args.preset:
-        return config_preset(args.preset, **values)
-    return FastMMoEConfig(**values)
+        extra = [_flag(n) for n in typed if n != "keep_ratio"] + (["--preset"] if args.preset else [])
+        if extra:
+            raise ConfigError(f"--method fastv takes --fastv-layer and --keep-ratio only, not {', '.join(extra)}")
+        return FastVConfig(prune_layer=2 if args.fastv_layer is None else args.fastv_layer,
+                           keep_ratio=typed.get("keep_ratio", 0.5))
+    if args.fastv_layer is not None:
+        raise ConfigError("--fastv-layer needs --method fastv")
+    return _fastmmoe_config(typed, args.preset)
+
+
+def _fastmmoe_config(typed: dict, preset: str | None) -> FastMMoEConfig:
+    """The configuration of the typed flags (over the preset's). No flag is silently ignored:
+    one this configuration would not use is an error that says why."""
+    def refuse(fields, why):
+        for name in fields:
+            if name in typed:
+                raise ConfigError(f"{_flag(name)} {why}")
+
+    layers = typed.get("merge_layers", CONFIG_PRESETS[preset]["merge_layers"] if preset else ())
+    if not FastMMoEConfig(merge_layers=layers).merge_layers:
+        refuse(_MERGE_ONLY, "needs --merge-layers or --preset: token merging runs only at merge layers")
+    if "stage_ratios" in typed:
+        refuse(["keep_ratio"], "and --stage-ratios both set the stages' ratios: pass one of them")
+    if "vision_topk" in typed:
+        refuse(["vision_expert_ratio"], "and --vision-topk both set Kv: pass one of them")
+    c = config_preset(preset, **typed) if preset else FastMMoEConfig(**typed)  # its own range checks first
+    from .algorithm import stage_ratios
+
+    if c.merge_layers and all(r >= 1 for r in stage_ratios(c.keep_ratio, len(c.merge_layers), c.stage_ratios)):
+        refuse(("merge_layers", "merge_ratio", "window", "alpha", "strategy", "merge_method"),
+               "has no effect while every stage keeps all vision tokens (--keep-ratio 1, the default without "
+               "--preset): pass --keep-ratio below 1 or --stage-ratios")
+    if c.vision_topk is None and c.vision_expert_ratio >= 1:
+        refuse(["reduce_from_layer"], "has no effect with --vision-expert-ratio 1: vision tokens keep every expert")
+    if c.strategy != "hybrid":
+        refuse(["alpha"], f"weighs the scores of --strategy hybrid only, not of --strategy {c.strategy}")
+    if c.merge_ratio == 0:
+        refuse(["window", "merge_method", "alpha"], "has no effect with --merge-ratio 0: no windows are merged")
+    return c
 
 
 def _dtype(name: str | None):
@@ -98,6 +149,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and friends
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        print("fastmmoe-compile: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("fastmmoe-compile: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the compile is, so that it unwinds (and cleans up) like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Python's default SIGTERM kills the process on the spot, leaving the partial engine dir."""
+    def stop(signum, frame):
+        raise _Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    old = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -131,11 +207,13 @@ def _main(argv: list[str] | None) -> int:
         args = _compile_parser().parse_args(argv)
         from .api import compile_model
 
-        compile_model(args.model, _config_from(args), args.out, backend=args.backend, dtype=_dtype(args.dtype),
-                      overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
+        config = _config_from(args)
+        with _sigterm_unwinds():
+            compile_model(args.model, config, args.out, backend=args.backend, dtype=_dtype(args.dtype),
+                          overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
         return 0
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
+    except (ConfigError, FileExistsError, FileNotFoundError, PermissionError, ValueError, NotImplementedError) as e:
+        print(f"fastmmoe-compile: error: {_as_flags(str(e)) if isinstance(e, ConfigError) else e}", file=sys.stderr)
         return 2
     except Exception as e:  # an engine-format or model error: say it in one line
         from .models import UnsupportedModelError
@@ -159,9 +237,20 @@ def _run(argv) -> int:
     from .runtime import load_engine
     from .runtime.multimodal import stream_text
 
+    if not args.prompt.strip():
+        raise ValueError('--prompt is empty: pass the question, with one "<image>" where each --image goes')
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     engine = load_engine(args.engine)
+    if engine.front_end is None:
+        raise ValueError(f"{args.engine} is a text-only engine ({engine.info.get('model_type')} from "
+                         f"{engine.info.get('source')}): run takes an engine compiled from a vision-language model; "
+                         "run a text-only engine from Python (load_engine(DIR).generate(input_ids))")
+    if engine.decode_step is None and args.max_new_tokens > 1:
+        raise ValueError(f"{args.engine} has no decode program (it was compiled with --no-decode): recompile "
+                         "the model without --no-decode to run it (or pass --max-new-tokens 1)")
     pieces = stream_text(engine, args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
-    first = next(pieces, "")  # input errors surface here, before anything is printed
+    first = next(pieces, "")  # the first token's text, before anything is printed
     print(first, end="", flush=True)
     for piece in pieces:  # as the tokens come
         print(piece, end="", flush=True)
@@ -181,6 +270,9 @@ def _flops(argv) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_config_flags(p)
     args = p.parse_args(argv)
+    if args.text_tokens < 1 or args.vision_tokens < 0:
+        raise ValueError(f"--text-tokens must be >= 1 and --vision-tokens >= 0, got {args.text_tokens} and "
+                         f"{args.vision_tokens}")
     from .flops import analytic_flops
     from .models import load_model
     from .models.presets import PRESETS

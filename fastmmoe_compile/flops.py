@@ -72,14 +72,20 @@ class FlopsReport:
                 "layers": [dict(asdict(layer), total=layer.total) for layer in self.layers]}
 
     def table(self) -> str:
-        rows = ["| layer | tokens | vision | K/Kv | " + " | ".join(PARTS) + " | total (GFLOPs) |",
-                "|---" * (len(PARTS) + 5) + "|"]
+        def row(*cells) -> str:
+            return "| " + " | ".join(map(str, cells)) + " |"
+
+        def gflops(x) -> str:
+            return f"{x / 1e9:.3f}"
+
+        header = ["layer", "tokens", "vision", "K/Kv", *PARTS, "total (GFLOPs)"]
+        rows = [row(*header), "|---" * len(header) + "|"]
         for r in self.layers:
-            vals = " | ".join(f"{getattr(r, p) / 1e9:.3f}" for p in PARTS)
-            rows.append(f"| {r.layer} | {r.tokens} | {r.vision} | {r.k}/{r.kv} | {vals} | {r.total / 1e9:.3f} |")
-        blank = "| " * (len(PARTS) + 3)
-        rows.append(f"| lm_head | 1 {blank}{self.lm_head / 1e9:.3f} |")
-        rows.append(f"| **total** | {blank}| **{self.total / 1e9:.3f}** |")
+            rows.append(row(r.layer, r.tokens, r.vision, f"{r.k}/{r.kv}", *(gflops(getattr(r, p)) for p in PARTS),
+                            gflops(r.total)))
+        blank = [""] * (len(header) - 3)
+        rows.append(row("lm_head", 1, *blank, gflops(self.lm_head)))
+        rows.append(row("**total**", "", *blank, f"**{gflops(self.total)}**"))
         return "\n".join(rows)
 
 

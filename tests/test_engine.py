@@ -190,3 +190,139 @@ def test_engine_dir_permissions_follow_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+# --- manifests that lack or garble what the loader relies on: one EngineFormatError each -----------
+
+@pytest.fixture(scope="module")
+def export_engines(tmp_path_factory):
+    """Cheap engine dirs to copy and edit: a text-only one with a decode program, a prefill-only VLM."""
+    root = tmp_path_factory.mktemp("export-engines")
+    compile_model("tiny-qwen3-moe", FastMMoEConfig(), out=root / "text", backend="export", quiet=True)
+    compile_model("tiny-internvl", FastMMoEConfig(), out=root / "vlm", backend="export", quiet=True, decode=False)
+    return {"text": root / "text", "vlm": root / "vlm"}
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def edit(m):
+        for k in keys[:-1]:
+            m = m[k]
+        m[keys[-1]] = value
+    return edit
+
+
+def _drop(*keys):
+    def edit(m):
+        for k in keys[:-1]:
+            m = m[k]
+        del m[keys[-1]]
+    return edit
+
+
+SHA = "0" * 64
+MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
+    "backend-unknown": ("text", _set("backend", "tensorrt"),
+                        "manifest field backend is 'tensorrt'; expected one of inductor, export, onnx"),
+    "backend-not-a-string": ("text", _set("backend", ["export"]), "manifest field backend is ['export']"),
+    "backend-missing": ("text", _drop("backend"), "manifest field backend is None; expected one of inductor"),
+    "backend-wrong": ("text", _set("backend", "inductor"), "backbone.pt2 does not load as an inductor program"),
+    "backend-onnx-without-onnx-files": ("text", _set("backend", "onnx"),
+                                        'manifest field decode is {\'file\': \'decode.pt2\''),
+    "dtype-unknown": ("text", _set("model", "dtype", "float99"),
+                      "manifest field model.dtype is 'float99'; expected one of float32, bfloat16, float16"),
+    "dtype-integer": ("text", _set("model", "dtype", "int64"), "manifest field model.dtype is 'int64'"),
+    "dtype-missing": ("text", _drop("model", "dtype"), "manifest field model.dtype is None"),
+    "model-missing": ("text", _drop("model"), "manifest field model is None"),
+    "hidden-size-string": ("text", _set("model", "hidden_size", "64"),
+                           "manifest field model.hidden_size is '64'; expected a positive int"),
+    "hidden-size-wrong": ("text", _set("model", "hidden_size", 32),
+                          "embeddings.safetensors holds a float32 tensor of shape [256, 64], not the [vocab, 32]"),
+    "vocab-size-zero": ("text", _set("model", "vocab_size", 0), "manifest field model.vocab_size is 0"),
+    "model-type-missing": ("text", _drop("model", "model_type"), "manifest field model.model_type is None"),
+    "extra-inputs-unknown": ("text", _set("model", "extra_inputs", ["position_ids"]),
+                             "manifest field model.extra_inputs is ['position_ids']; expected a list of distinct "
+                             "names from rope_positions, deepstack"),
+    "deepstack-layers-missing": ("text", _set("model", "extra_inputs", ["deepstack"]),
+                                 "manifest field model.deepstack_layers is None"),
+    "decode-file-unknown": ("text", _set("decode", {"file": "nope.pt2"}),
+                            "manifest field decode is {'file': 'nope.pt2'}; expected absent, or {\"file\": "
+                            "\"decode.pt2\"} for an export engine"),
+    "decode-not-an-object": ("text", _set("decode", "yes"), "manifest field decode is 'yes'"),
+    "files-missing": ("text", _drop("files"), 'has no "files" table'),
+    "files-not-a-table": ("text", _set("files", ["backbone.pt2"]), 'has a malformed "files" table'),
+    "files-entry-without-sha256": ("text", _drop("files", "backbone.pt2", "sha256"),
+                                   "the manifest's entry for backbone.pt2 is {'bytes':"),
+    "files-entry-bad-bytes": ("text", _set("files", "backbone.pt2", "bytes", "many"),
+                              "the manifest's entry for backbone.pt2"),
+    "files-entry-bad-sha256": ("text", _set("files", "backbone.pt2", "sha256", "abc"),
+                               "the manifest's entry for backbone.pt2"),
+    "files-entry-not-an-object": ("text", _set("files", "backbone.pt2", 5), "the manifest's entry for backbone.pt2"),
+    "files-outside-dot-dot": ("text", _set("files", "../text/backbone.pt2", {"bytes": 1, "sha256": SHA}),
+                              "lists the file '../text/backbone.pt2', which is not a path inside the engine directory"),
+    "files-outside-absolute": ("text", _set("files", "/etc/hostname", {"bytes": 1, "sha256": SHA}),
+                               "lists the file '/etc/hostname', which is not a path inside"),
+    "files-lists-the-manifest": ("text", _set("files", "manifest.json", {"bytes": 1, "sha256": SHA}),
+                                 "lists the file 'manifest.json'"),
+    "files-without-backbone": ("text", _drop("files", "backbone.pt2"),
+                               "backbone.pt2 is not listed in the manifest's files, so its size and hash cannot be "
+                               "verified"),
+    "files-without-decode": ("text", _drop("files", "decode.pt2"), "decode.pt2 is not listed"),
+    "files-without-embeddings": ("text", _drop("files", "embeddings.safetensors"),
+                                 "embeddings.safetensors is not listed"),
+    "files-without-vision": ("vlm", _drop("files", "vision.pt2"), "vision.pt2 is not listed"),
+    "vision-family-unknown": ("vlm", _set("vision", "family", "llava_onevision"),
+                              "vision family 'llava_onevision' (manifest field vision.family) is not one this "
+                              "fastmmoe-compile runs; legal values: internvl,"),
+    "vision-family-not-a-string": ("vlm", _set("vision", "family", ["internvl"]),
+                                   "vision family ['internvl'] (manifest field vision.family)"),
+    "vision-family-missing": ("vlm", _drop("vision", "family"), "vision family None"),
+    "vision-not-an-object": ("vlm", _set("vision", "internvl"), "manifest field vision is 'internvl'"),
+    "vision-max-tiles": ("vlm", _set("vision", "max_tiles", 0), "manifest field vision.max_tiles is 0"),
+    "vision-image-token": ("vlm", _set("vision", "image_token_id", 10 ** 6),
+                           "manifest field vision.image_token_id is 1000000; expected a token id in [0, 288)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_manifest_lacking_what_the_loader_relies_on_is_refused(export_engines, tmp_path, case):
+    from fastmmoe_compile.runtime.engine import check_manifest
+    from fastmmoe_compile.runtime.manifest import read_manifest
+
+    which, edit, fragment = MANIFEST_CASES[case]
+    copy = tmp_path / "engine"
+    shutil.copytree(export_engines[which], copy)
+    original = (copy / "manifest.json").read_text()
+    manifest = json.loads(original)
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineFormatError) as info:
+        load_engine(copy)
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    # The engine as written passes the same checks: the edit is what was refused.
+    (copy / "manifest.json").write_text(original)
+    check_manifest(copy, read_manifest(copy, verify_hashes=False))
+
+
+@pytest.mark.parametrize("command,case", [("run", "backend-unknown"), ("run", "dtype-unknown"),
+                                          ("run", "vision-family-unknown"), ("run", "files-missing"),
+                                          ("inspect", "files-missing"), ("inspect", "files-outside-dot-dot")])
+def test_cli_says_a_bad_manifest_in_one_line(export_engines, tmp_path, capsys, command, case):
+    which, edit, fragment = MANIFEST_CASES[case]
+    copy = tmp_path / "engine"
+    shutil.copytree(export_engines[which], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([command, str(copy)] + (["--prompt", "hi"] if command == "run" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmmoe-compile: error: ") and len(err.strip().splitlines()) == 1, err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_loaded_export_engines_still_load_and_run(export_engines):
+    engine = load_engine(export_engines["text"])
+    assert engine.decode_step is not None and engine.front_end is None
+    assert len(engine.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)[0]) == 2

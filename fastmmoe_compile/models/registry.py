@@ -1,6 +1,7 @@
 """Turn what the user names (a model object, a checkpoint dir, a hub id, a preset) into a model."""
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 
@@ -94,27 +95,51 @@ def load_model(model_or_path, dtype: torch.dtype | None = None) -> LoadedModel:
     name = os.fspath(model_or_path)
     if name in PRESETS:
         return PRESETS[name].build(dtype=dtype)
+    check_model_name(name)
     return _from_pretrained(name, dtype)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast (no hub round trip, no config read) on a name that is not a preset, not a
+    checkpoint directory and not a hub id (org/name): a mistyped preset, most likely."""
+    from .presets import PRESETS
+
+    if name in PRESETS:
+        return
+    if os.path.isdir(name):
+        files = os.listdir(name)
+        if "config.json" not in files:
+            raise FileNotFoundError(f"{name} is not a checkpoint directory: it has no config.json")
+        if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+            raise FileNotFoundError(f"{name} has a config.json but no weights (no *.safetensors or *.bin file)")
+        return
+    if os.path.exists(name):
+        raise FileNotFoundError(f"{name} is a file, not a checkpoint directory")
+    if os.path.sep in name.rstrip("/").split("/", 1)[-1] or name.startswith((".", "/")):
+        raise FileNotFoundError(f"no checkpoint directory at {name!r}")
+    if "/" not in name:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"unknown preset {name!r}; {hint}(fastmmoe-compile presets lists them; "
+                         "a hub model is org/name, a checkpoint a directory)")
 
 
 def _from_pretrained(name: str, dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not os.path.isdir(name) and (os.path.sep in name.rstrip("/").split("/", 1)[-1] or name.startswith((".", "/"))):
-        raise FileNotFoundError(f"no checkpoint directory at {name!r}")
     own = _own_format(name)
     if own is not None:  # a VLM transformers cannot load: its adapter reads the official layout
         model, tokenizer, image_processor = own.load_checkpoint(name, dtype)
         return load_vlm(model, name, tokenizer, image_processor)
     try:
         config = AutoConfig.from_pretrained(name)
-    except OSError as e:
-        from .presets import PRESETS
-
-        raise FileNotFoundError(
-            f"could not load a config from {name!r} (not a local checkpoint, and the hub is not reachable or has "
-            f"no such model): {e}\nBuilt-in presets: {', '.join(PRESETS)}"
-        ) from e
+    except OSError as e:  # one line: transformers' message runs over several
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"could not load a config for {name!r} from the hub (no such model, or the hub "
+                                f"is not reachable): {reason}") from e
     if config.model_type in VLM_FAMILIES:
         return _vlm_from_pretrained(name, config, dtype)
     family = family_for(config)  # fail before reading any weights

@@ -2,7 +2,8 @@
 
 The runtime imports nothing from the compiler's upper layers: only the ops (the
 AOTInductor package calls fastmmoe::grouped_mm through its proxy executor) and the
-manifest. What it accepts is checked here, with errors that say what to fix.
+manifest. What the entry points accept is checked in runtime/inputs.py, what the manifest says
+in check_manifest, each with one error that says what to fix.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 
 from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls)
+from . import inputs
+from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
 from .manifest import EngineFormatError, read_manifest
 
 BACKBONE_FILE = "backbone.pt2"
@@ -47,20 +50,19 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.info["dtype"])
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.embeddings is None:
-            raise ValueError("this engine was built without its token embeddings; pass inputs_embeds")
-        if input_ids.min() < 0 or input_ids.max() >= self.embeddings.shape[0]:
-            raise ValueError(f"input_ids must be in [0, {self.embeddings.shape[0]})")
-        return torch.nn.functional.embedding(input_ids, self.embeddings)
+    def embed(self, input_ids) -> torch.Tensor:
+        """Token ids [B, S] (or [S]) -> their embeddings [B, S, H] (or [S, H])."""
+        ids = inputs.token_ids(self, "input_ids", input_ids, "[B, S] (or [S])", (1, 2))
+        return torch.nn.functional.embedding(ids, self.embeddings)
 
     @torch.no_grad()
     def prepare(self, images=None, prompts=None, *, chat: bool = True):
         """VLM engines: images (paths, PIL images) + prompts (one "<image>" per image) -> a
         runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions."""
         if self.front_end is None:
-            raise ValueError(f"this engine was compiled from a text-only {self.info.get('model_type')} model "
-                             f"({self.info.get('source')}): it takes input_ids or inputs_embeds, not images and prompts")
+            raise EngineInputError(f"this engine was compiled from a text-only {self.info.get('model_type')} "
+                                   f"model ({self.info.get('source')}): it takes input_ids or inputs_embeds, not "
+                                   "images and prompts")
         return self.front_end.prepare(self, images, prompts, chat=chat)
 
     @torch.no_grad()
@@ -77,58 +79,29 @@ class Engine:
                           rope_positions, deepstack):
             prepared = self.prepare(images, prompts, chat=chat)
             if not prepared.batched:
-                raise ValueError(f"the prompts tokenize to different shapes (lengths "
-                                 f"{[len(x) for x in prepared.input_ids]}): one prefill call takes one shape; "
-                                 "use generate_text / engine.generate, which batch them, or prefill them one at a time")
+                raise EngineInputError(f"the prompts tokenize to different shapes (lengths "
+                                       f"{[len(x) for x in prepared.input_ids]}): one prefill call takes one "
+                                       "shape; use generate_text / engine.generate, which batch them, or prefill "
+                                       "them one at a time")
             inputs_embeds, vision_positions = prepared.inputs_embeds, prepared.vision_positions
             rope_positions, deepstack = prepared.rope_positions, prepared.deepstack
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            input_ids = torch.as_tensor(input_ids)
-            if input_ids.dim() == 1:
-                input_ids = input_ids[None]
-            inputs_embeds = self.embed(input_ids)
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.info["hidden_size"]:
-            raise ValueError(f"inputs_embeds must be [B, S, {self.info['hidden_size']}], got {list(inputs_embeds.shape)}")
+        inputs_embeds, positions, extras = inputs.batch_inputs(self, input_ids, inputs_embeds, vision_mask,
+                                                               vision_positions, rope_positions, deepstack)
         batch, seq = inputs_embeds.shape[:2]
-        if seq < 2:
-            raise ValueError("the prompt must have at least 2 tokens")
-        positions = vision_positions_of(batch, seq, vision_mask, vision_positions)
-        extras = self._extra_inputs(batch, seq, rope_positions, deepstack)
         logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions, *extras)
         pairs = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] if cache else None
-        if rope_positions is None:
+        names = list(self.info.get("extra_inputs", []))
+        if "rope_positions" in names:  # as HF's rope deltas: decode continues after the prompt's largest position
+            next_positions = extras[names.index("rope_positions")].amax(dim=(0, 2)) + 1
+        else:
             next_positions = torch.full((batch,), seq, dtype=torch.long)
-        else:  # as HF's rope deltas: decode continues after the largest position of the prompt
-            next_positions = rope_positions.amax(dim=(0, 2)) + 1
         return PrefillResult(logits, kept, pairs, seq, next_positions)
-
-    def _extra_inputs(self, batch: int, seq: int, rope_positions, deepstack) -> list[torch.Tensor]:
-        """The backbone's inputs after the vision positions (MoEFamily.extra_inputs), checked or defaulted."""
-        names = self.info.get("extra_inputs", [])
-        given = {"rope_positions": rope_positions, "deepstack": deepstack}
-        for name, value in given.items():
-            if value is not None and name not in names:
-                raise ValueError(f"this {self.info.get('model_type')} engine takes no {name}")
-        hidden, layers = self.info["hidden_size"], self.info.get("deepstack_layers", 0)
-        shapes = {"rope_positions": (3, batch, seq), "deepstack": (layers, batch, seq, hidden)}
-        out = []
-        for name in names:
-            value = given[name]
-            if value is None:  # a text-only prompt: plain positions, no visual features
-                value = (torch.arange(seq).expand(3, batch, seq) if name == "rope_positions"
-                         else torch.zeros(shapes[name], dtype=self.dtype))
-            value = torch.as_tensor(value)
-            if tuple(value.shape) != shapes[name]:
-                raise ValueError(f"{name} must be {list(shapes[name])}, got {list(value.shape)}")
-            out.append(value.to(torch.long if name == "rope_positions" else self.dtype).contiguous())
-        return out
 
     def no_decode_message(self) -> str:
         where = f"{self.path}" if self.path else "this engine"
-        return (f"{where} has no decode program (compiled before decode existed, with decode=False, or for a "
-                "backend without decode): recompile it to decode or generate; prefill still works")
+        return (f"{where} has no decode program (it was compiled with --no-decode / decode=False, or before "
+                "decode existed): recompile it without --no-decode (compile_model(..., decode=True)) to decode or "
+                "generate more than one token; prefill still works")
 
     def start_decode(self, results, max_new_tokens: int):
         """A generate.DecodeState from one or more PrefillResults (their samples in order)."""
@@ -136,7 +109,8 @@ class Engine:
 
         if self.decode_step is None:
             raise DecodeUnavailableError(self.no_decode_message())
-        return start_state([results] if isinstance(results, PrefillResult) else list(results), max_new_tokens)
+        results = inputs.prefill_results(results, PrefillResult)
+        return start_state(results, inputs.positive_int("max_new_tokens", max_new_tokens))
 
     @torch.no_grad()
     def decode(self, state, input_ids: torch.Tensor | None = None, *,
@@ -147,13 +121,7 @@ class Engine:
 
         if self.decode_step is None:
             raise DecodeUnavailableError(self.no_decode_message())
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            input_ids = torch.as_tensor(input_ids)
-            if input_ids.dim() == 1:
-                input_ids = input_ids[:, None]
-            inputs_embeds = self.embed(input_ids)
+        inputs_embeds = inputs.step_inputs(self, state, input_ids, inputs_embeds)
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
@@ -171,6 +139,7 @@ class Engine:
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import generate
 
+        max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
                           rope_positions, deepstack, eos_token_id):
             from .multimodal import generate_text, stream_texts
@@ -189,65 +158,120 @@ def _prompts_given(images, prompts, *tensor_inputs) -> bool:
     if prompts is None and images is None:
         return False
     if prompts is None or any(x is not None for x in tensor_inputs):
-        raise ValueError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
+        raise EngineInputError("pass prompts= (with images=) alone, or input_ids/inputs_embeds with vision tokens")
     return True
 
 
-def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torch.Tensor:
-    """Validated [B, N] int64 positions from a mask or positions (N may be 0)."""
-    if mask is not None and positions is not None:
-        raise ValueError("pass vision_mask or vision_positions, not both")
-    if mask is not None:
-        mask = torch.as_tensor(mask, dtype=torch.bool)
-        if mask.shape != (batch, seq):
-            raise ValueError(f"vision_mask must be [B, S] = [{batch}, {seq}], got {list(mask.shape)}")
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError(
-                f"every sample must have the same number of vision tokens, got {counts.tolist()} "
-                "(pad samples to equal image-token counts)"
-            )
-        return mask.nonzero()[:, 1].reshape(batch, int(counts[0])).contiguous()
-    if positions is None:
-        return torch.zeros(batch, 0, dtype=torch.long)
-    positions = torch.as_tensor(positions, dtype=torch.long)
-    if positions.dim() == 1:
-        positions = positions[None].expand(batch, -1)
-    if positions.dim() != 2 or positions.shape[0] != batch:
-        raise ValueError(f"vision_positions must be [B, N] with B = {batch}, got {list(positions.shape)}")
-    if positions.numel():
-        if positions.min() < 0 or positions.max() >= seq:
-            raise ValueError(f"vision_positions must lie in [0, {seq})")
-        if (positions[:, 1:] <= positions[:, :-1]).any():
-            raise ValueError("vision_positions must be strictly increasing within each sample")
-    return positions.contiguous()
+BACKENDS = ("inductor", "export", "onnx")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the floating dtypes an engine's weights may have
 
 
 def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
     """Load an engine directory written by compile_model / `fastmmoe-compile MODEL --out DIR`."""
     path = Path(path)
     manifest = read_manifest(path, verify_hashes=verify_hashes)
-    backend = manifest.get("backend")
-    if backend not in ("inductor", "export", "onnx"):
-        raise EngineFormatError(f"{path}: unknown backend {backend!r} in the manifest")
+    check_manifest(path, manifest)
+    backend = manifest["backend"]
     if backend == "onnx":
         from .onnx_runtime import ONNX_FILE
 
-        backbone = load_program(path / ONNX_FILE, backend)
+        backbone = load_checked(path, ONNX_FILE, backend)
     else:
-        backbone = load_program(path / BACKBONE_FILE, backend)
+        backbone = load_checked(path, BACKBONE_FILE, backend)
     embeddings = None
     if (path / EMBEDDINGS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        embeddings = load_file(str(path / EMBEDDINGS_FILE))["weight"]
+        embeddings = _load_embeddings(path, manifest["model"]["hidden_size"])
     engine = Engine(_as_tuple(backbone), manifest["model"], embeddings, manifest, path)
     if manifest.get("decode"):
-        engine.decode_step = load_program(path / manifest["decode"]["file"], backend, decode=True)
+        engine.decode_step = load_checked(path, manifest["decode"]["file"], backend, decode=True)
     from .multimodal import load_front_end
 
     engine.front_end = load_front_end(path, manifest)
     return engine
+
+
+def _field_error(path: Path, field: str, value, expected: str) -> EngineFormatError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return EngineFormatError(f"{path}: manifest field {field} is {shown}; expected {expected} "
+                             "(a corrupt or hand-edited manifest: recompile the model)")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_manifest(path: Path, manifest: dict) -> None:
+    """The fields load_engine and the runtime rely on, beyond what read_manifest checks: each one
+    wrong (edited, or from an incompatible writer) is one EngineFormatError naming it and its legal values."""
+    backend = manifest.get("backend")
+    if backend not in BACKENDS:
+        raise _field_error(path, "backend", backend, f"one of {', '.join(BACKENDS)}")
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise _field_error(path, "model", model, "an object with the model's facts")
+    if model.get("dtype") not in DTYPES:
+        raise _field_error(path, "model.dtype", model.get("dtype"), f"one of {', '.join(DTYPES)}")
+    for name in ("hidden_size", "vocab_size"):
+        if not _positive_int(model.get(name)):
+            raise _field_error(path, f"model.{name}", model.get(name), "a positive int")
+    if not isinstance(model.get("model_type"), str):
+        raise _field_error(path, "model.model_type", model.get("model_type"), "a string")
+    extra = model.get("extra_inputs", [])
+    if not isinstance(extra, list) or len(set(map(str, extra))) != len(extra) or \
+            any(x not in inputs.EXTRA_INPUTS for x in extra):
+        raise _field_error(path, "model.extra_inputs", extra,
+                           f"a list of distinct names from {', '.join(inputs.EXTRA_INPUTS)}")
+    if "deepstack" in extra and not _positive_int(model.get("deepstack_layers")):
+        raise _field_error(path, "model.deepstack_layers", model.get("deepstack_layers"), "a positive int")
+    from .onnx_runtime import DECODE_ONNX_FILE, ONNX_FILE
+
+    files = manifest["files"]  # read_manifest: a dict of checked entries
+    needed = [ONNX_FILE if backend == "onnx" else BACKBONE_FILE]
+    decode = manifest.get("decode")
+    if decode is not None:
+        want = DECODE_ONNX_FILE if backend == "onnx" else DECODE_FILE
+        if not isinstance(decode, dict) or decode.get("file") != want:
+            raise _field_error(path, "decode", decode, f'absent, or {{"file": "{want}"}} for an {backend} engine')
+        needed.append(want)
+    if manifest.get("vision") is not None:
+        from .multimodal import VISION_FILE, check_vision_facts
+
+        check_vision_facts(path, manifest["vision"], model)
+        needed.append(VISION_FILE)
+    if (path / EMBEDDINGS_FILE).is_file():
+        needed.append(EMBEDDINGS_FILE)
+    for name in needed:
+        if name not in files:
+            raise EngineFormatError(f"{path}: {name} is not listed in the manifest's files, so its size and hash "
+                                    "cannot be verified (a corrupt or hand-edited manifest: recompile the model)")
+
+
+def load_checked(path: Path, file: str, backend: str, decode: bool = False) -> Callable:
+    """load_program of one listed file of the engine dir; a file that does not load as the manifest's
+    backend says is an EngineFormatError (a missing runtime package stays an ImportError)."""
+    try:
+        return load_program(path / file, backend, decode=decode)
+    except ImportError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EngineFormatError(f"{path}: {file} does not load as an {backend} program ({type(e).__name__}: "
+                                f"{reason}); the manifest's backend may be wrong, or the engine was built by "
+                                "an incompatible torch: recompile the model") from e
+
+
+def _load_embeddings(path: Path, hidden: int) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    try:
+        weight = load_file(str(path / EMBEDDINGS_FILE))["weight"]
+    except Exception as e:
+        raise EngineFormatError(f"{path}: {EMBEDDINGS_FILE} does not hold the token embeddings "
+                                f"({type(e).__name__}: {e})") from e
+    if weight.dim() != 2 or weight.shape[1] != hidden or not weight.dtype.is_floating_point:
+        raise EngineFormatError(f"{path}: {EMBEDDINGS_FILE} holds {inputs.given(weight)}, not the [vocab, {hidden}] "
+                                f"token embeddings that manifest field model.hidden_size = {hidden} says")
+    return weight
 
 
 def load_program(file: Path, backend: str, decode: bool = False) -> Callable:

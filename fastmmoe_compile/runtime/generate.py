@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
+from . import inputs
+
 
 class DecodeUnavailableError(RuntimeError):
     """The engine has no decode program, or the prefill result carries no KV cache."""
@@ -107,83 +109,6 @@ def decode_step(step, state: DecodeState, inputs_embeds: torch.Tensor) -> torch.
     return logits
 
 
-# --- inputs: one sample or many, of different lengths ---------------------------------
-
-def _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask, rope_positions=None, deepstack=None):
-    """[(embeds [S, H], vision positions [N], extras {name: per-sample tensor})] from batched tensors
-    or per-sample lists (extras: rope_positions [3, S], deepstack [D, S, H])."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    if vision_positions is not None and vision_mask is not None:
-        raise ValueError("pass vision_mask or vision_positions, not both")
-    if input_ids is not None:
-        seqs = [torch.as_tensor(s, dtype=torch.long) for s in _split(input_ids, 1, "input_ids")]
-        for i, s in enumerate(seqs):
-            if s.dim() != 1 or s.numel() < 2:
-                raise ValueError(f"sample {i}: input_ids must be [S] with S >= 2 per sample, got {list(s.shape)}")
-        embeds = [engine.embed(s[None])[0] for s in seqs]
-    else:
-        embeds = [torch.as_tensor(e) for e in _split(inputs_embeds, 2, "inputs_embeds")]
-    hidden = engine.info["hidden_size"]
-    for i, e in enumerate(embeds):
-        if e.dim() != 2 or e.shape[-1] != hidden:
-            raise ValueError(f"sample {i}: inputs_embeds must be [S, {hidden}] per sample, got {list(e.shape)}")
-        if e.shape[0] < 2:
-            raise ValueError(f"sample {i}: the prompt must have at least 2 tokens, got {e.shape[0]}")
-    vision = vision_positions if vision_positions is not None else vision_mask
-    if vision is None:
-        per_sample = [None] * len(embeds)
-    else:
-        per_sample = _split(vision, 1, "vision_mask" if vision_mask is not None else "vision_positions")
-        if len(per_sample) != len(embeds):
-            raise ValueError(f"{len(embeds)} samples but vision tokens for {len(per_sample)}")
-    from .engine import vision_positions_of
-
-    out = []
-    for i, (e, v) in enumerate(zip(embeds, per_sample)):
-        seq = e.shape[0]
-        try:
-            if vision_mask is not None and v is not None:
-                positions = vision_positions_of(1, seq, mask=torch.as_tensor(v, dtype=torch.bool)[None])
-            else:
-                positions = vision_positions_of(1, seq, positions=None if v is None else
-                                                torch.as_tensor(v, dtype=torch.long).reshape(1, -1))
-        except ValueError as err:
-            raise ValueError(f"sample {i}: {err}") from None
-        out.append((e, positions[0], {}))
-    for name, value in (("rope_positions", rope_positions), ("deepstack", deepstack)):
-        if value is None:
-            continue
-        rows = list(value.unbind(1)) if isinstance(value, torch.Tensor) else list(value)  # batch is dim 1
-        if len(rows) != len(out):
-            raise ValueError(f"{len(out)} samples but {name} for {len(rows)}")
-        for (e, _, extras), row in zip(out, rows):
-            row = torch.as_tensor(row)
-            if row.dim() < 2 or row.shape[1] != e.shape[0]:
-                raise ValueError(f"{name}: each sample's must have its sequence length {e.shape[0]} on dim 1, "
-                                 f"got {list(row.shape)}")
-            extras[name] = row
-    return out
-
-
-def _split(x, sample_dims: int, name: str) -> list:
-    """A batched tensor (sample_dims + 1 dims), one sample (sample_dims dims), or a list of samples."""
-    if isinstance(x, torch.Tensor):
-        if x.dim() == sample_dims:
-            return [x]
-        if x.dim() == sample_dims + 1:
-            return list(x.unbind(0))
-        raise ValueError(f"{name}: expected a {sample_dims + 1}-D batch, a {sample_dims}-D sample or a list, "
-                         f"got shape {list(x.shape)}")
-    if isinstance(x, (list, tuple)):
-        if not x:
-            raise ValueError(f"{name} is empty")
-        if all(isinstance(s, int) for s in x) and sample_dims == 1 and name == "input_ids":
-            return [torch.as_tensor(x)]
-        return list(x)
-    raise TypeError(f"{name}: expected a tensor or a list of per-sample tensors, got {type(x).__name__}")
-
-
 # --- greedy generation -----------------------------------------------------------------
 
 def prefill_samples(engine, samples, max_new_tokens: int):
@@ -196,15 +121,15 @@ def prefill_samples(engine, samples, max_new_tokens: int):
     for rows in groups.values():
         names = samples[rows[0]][2].keys()
         if any(samples[i][2].keys() != names for i in rows):
-            raise ValueError("give rope_positions / deepstack for every sample or for none")
+            raise inputs.EngineInputError("give rope_positions / deepstack for every sample or for none")
         extras = {name: torch.stack([samples[i][2][name] for i in rows], dim=1) for name in names}
         result = engine.prefill(inputs_embeds=torch.stack([samples[i][0] for i in rows]),
                                 vision_positions=torch.stack([samples[i][1] for i in rows]), **extras)
         for j, i in enumerate(rows):
             per_sample[i] = _row(result, j)
     logits = torch.cat([r.logits for r in per_sample])
-    # The first new token comes from prefill: max_new_tokens - 1 decode steps follow.
-    return logits, start_state(per_sample, max(1, max_new_tokens - 1))
+    # The first new token comes from prefill: max_new_tokens - 1 decode steps follow (none: no state).
+    return logits, start_state(per_sample, max_new_tokens - 1) if max_new_tokens > 1 else None
 
 
 def _row(result, j):
@@ -215,11 +140,10 @@ def _row(result, j):
 
 def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[list]:
     """Yield, per step, each sample's new token (None once the sample has ended with eos)."""
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
     if engine.decode_step is None and max_new_tokens > 1:
         raise DecodeUnavailableError(engine.no_decode_message())
-    eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    eos = inputs.token_id_set("eos_token_id", eos_token_id)
     logits, state = prefill_samples(engine, samples, max_new_tokens)
     done = [False] * len(samples)
     for step in range(max_new_tokens):
@@ -234,11 +158,17 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[
 
 def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
              rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
-    samples = _samples(engine, input_ids, inputs_embeds, vision_positions, vision_mask, rope_positions, deepstack)
-    if engine.embeddings is None:
-        raise ValueError("this engine was built without its token embeddings: it cannot feed generated tokens back")
+    """Engine.generate's tensor forms. Every input error is raised here, at the call (not at a
+    stream's first step)."""
+    max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
+    inputs.token_id_set("eos_token_id", eos_token_id)
+    samples = inputs.sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask,
+                                   rope_positions, deepstack)
+    if engine.embeddings is None and max_new_tokens > 1:
+        raise inputs.EngineInputError("this engine was built without its token embeddings: it cannot feed "
+                                      "generated tokens back")
     if engine.decode_step is None and max_new_tokens > 1:
-        raise DecodeUnavailableError(engine.no_decode_message())  # now, not at the stream's first step
+        raise DecodeUnavailableError(engine.no_decode_message())
     steps = greedy(engine, samples, max_new_tokens, eos_token_id)
     if stream:
         return steps

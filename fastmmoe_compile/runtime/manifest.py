@@ -6,12 +6,16 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 FORMAT = "fastmmoe-engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Inside a partial engine dir while it is written: who writes it, so that a later compile can
+# prove a partial left by a killed one (SIGKILL runs no cleanup) abandoned and remove it.
+OWNER = ".fastmmoe-owner.json"
 
 
 class EngineFormatError(RuntimeError):
@@ -30,7 +34,7 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     """Record every file of the directory with its size and hash, then the manifest itself."""
     files = {}
     for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, OWNER):
             files[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     body = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
     (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
@@ -55,7 +59,22 @@ def read_manifest(directory: str | os.PathLike, verify_hashes: bool = True) -> d
             f"{path}: engine format version {manifest.get('format_version')} is not supported "
             f"(this fastmmoe-compile reads version {FORMAT_VERSION}); recompile the model"
         )
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict):  # without it nothing below would be checked: a corrupt engine, not a lax one
+        raise EngineFormatError(
+            f"{path} {'has no' if files is None else 'has a malformed'} \"files\" table (each file of the engine "
+            "with its bytes and sha256, which load_engine verifies): a corrupt or hand-edited manifest; "
+            "recompile the model")
+    for name, info in files.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or parts in ((".",), ()) or name == MANIFEST:
+            raise EngineFormatError(f"{path}: the manifest lists the file {name!r}, which is not a path inside "
+                                    "the engine directory (a corrupt or hand-edited manifest)")
+        if not isinstance(info, dict) or not _size(info.get("bytes")) or not _digest(info.get("sha256")):
+            shown = repr(info) if len(repr(info)) <= 80 else repr(info)[:77] + "..."
+            raise EngineFormatError(f"{path}: the manifest's entry for {name} is {shown}, not "
+                                    '{"bytes": <int>, "sha256": <64 hex digits>} (a corrupt or hand-edited '
+                                    "manifest)")
         f = directory / name
         if not f.is_file():
             raise EngineFormatError(f"{directory}: file {name} listed in the manifest is missing")
@@ -66,20 +85,63 @@ def read_manifest(directory: str | os.PathLike, verify_hashes: bool = True) -> d
     return manifest
 
 
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail before any work if the engine cannot be written to `out`: it exists and overwrite is
+    off, it exists and is not an engine (overwrite replaces an engine, never the user's other
+    files), or no directory can be created there."""
+    out = Path(out).absolute()
+    _check_replaceable(out, overwrite)
+    parent = next(p for p in out.parents if p.exists())  # atomic_directory creates the missing ones
+    try:  # a real try, not os.access: root passes os.access on a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".fastmmoe-write-check.", dir=parent))
+    except OSError as e:
+        raise PermissionError(f"cannot write the engine {out}: cannot create a directory in {parent} "
+                              f"({e.strerror})") from None
+    return out
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not is_engine(out):
+        raise FileExistsError(f"{out} exists and is not a fastmmoe engine (no {FORMAT} {MANIFEST}): overwrite "
+                              "replaces only an engine directory; remove it yourself or write elsewhere")
+
+
+def is_engine(path: Path) -> bool:
+    """A directory whose manifest says it is an engine (complete or not: enough to replace it)."""
+    try:
+        return path.is_dir() and json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it becomes `out`, on failure it vanishes."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_partials(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine should be as readable as a plain mkdir
     try:
+        (tmp / OWNER).write_text(json.dumps(_owner()))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine should be as readable as a plain mkdir
         yield tmp
-        if out.exists():
+        (tmp / OWNER).unlink()
+        if out.exists() or out.is_symlink():
+            _check_replaceable(out, overwrite)  # again: something else may have appeared there meanwhile
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
@@ -89,3 +151,53 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_abandoned_partials(parent: Path) -> None:
+    """Remove the partial engine dirs in `parent` whose writer is provably gone (killed without
+    cleanup); any other partial may still be written, or is not ours, and stays."""
+    for p in parent.glob(".*.partial"):
+        if p.is_dir() and not p.is_symlink() and _abandoned(p):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+
+
+def _abandoned(partial: Path) -> bool:
+    try:
+        owner = json.loads((partial / OWNER).read_text())
+        pid, host, started = owner["pid"], owner["host"], owner["started"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False  # no marker (not ours, or its writer is just creating it): nothing proven
+    if host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False  # another machine's pids say nothing here
+    if not _alive(pid):
+        return True
+    now = _start_time(pid)
+    return started is not None and now is not None and now != started  # the pid was reused
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return _stat(pid, 3) != "Z"  # a killed process its parent has not reaped yet is gone too
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), None where unknown."""
+    return _stat(pid, 22)
+
+
+def _stat(pid: int, field: int) -> str | None:
+    """Field `field` (1-based, as in proc(5)) of /proc/PID/stat, None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[field - 3]  # the name before ")" may hold spaces

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from . import inputs
+from .inputs import EngineInputError
 from .manifest import EngineFormatError
 
 # MROPE_RUNTIME_READY: prepare() feeds rope_positions / deepstack (VLMFamily hooks) to the backbone.
@@ -63,14 +65,15 @@ class FrontEnd:
         from ..models.vlm import PLACEHOLDER
 
         if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("this engine has no tokenizer/image processor (its source, an in-memory model or a "
-                             "checkpoint without them, had none): compile a checkpoint directory that has them")
-        prompts, per_sample = _batch(images, prompts)
+            raise EngineInputError("this engine has no tokenizer/image processor (its source, an in-memory "
+                                   "model or a checkpoint without them, had none): compile a checkpoint "
+                                   "directory that has them")
+        prompts, per_sample = inputs.prompts_and_images(images, prompts)
         texts, all_images, counts = [], [], []
         for prompt, imgs in zip(prompts, per_sample):
             if prompt.count(PLACEHOLDER) != len(imgs):
-                raise ValueError(f"the prompt has {prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholder(s) for "
-                                 f"{len(imgs)} image(s): put one {PLACEHOLDER} where each image goes")
+                raise EngineInputError(f"the prompt has {prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholder(s) "
+                                       f"for {len(imgs)} image(s): put one {PLACEHOLDER} where each image goes")
             texts.append(self.family.prompt_text(self.tokenizer, prompt, chat))
             all_images += [load_image(im) for im in imgs]
             counts.append(len(imgs))
@@ -80,20 +83,22 @@ class FrontEnd:
             try:
                 pixels, sample_tiles, *layout = self.family.tiles(self.image_processor, sample_images) if count else (None, [])
             except (ValueError, TypeError, OSError) as e:
-                raise ValueError(f"the image processor rejected the image(s): {e}") from e
+                raise EngineInputError(f"the image processor rejected the image(s): {e}") from e
             per_sample_layouts.append(layout[0] if layout else sample_tiles)
             tiles += sample_tiles
             layouts += per_sample_layouts[-1]
             if pixels is not None:
                 pixel_values = pixels if pixel_values is None else torch.cat([pixel_values, pixels])
         if len(tiles) != len(all_images):
-            raise ValueError(f"the image processor returned {len(tiles)} tile groups for {len(all_images)} images")
+            raise EngineInputError(f"the image processor returned {len(tiles)} tile groups for "
+                                   f"{len(all_images)} images")
         if sum(tiles) > self.facts["max_tiles"]:
-            raise ValueError(f"{len(all_images)} image(s) make {sum(tiles)} tiles; this engine's vision encoder "
-                             f"takes at most {self.facts['max_tiles']} per call: pass fewer images")
+            raise EngineInputError(f"{len(all_images)} image(s) make {sum(tiles)} tiles; this engine's vision "
+                                   f"encoder takes at most {self.facts['max_tiles']} per call: pass fewer images")
         per_sample_tiles = [tiles[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
         texts = [self.family.expand(self.tokenizer, t, n, self.facts) for t, n in zip(texts, per_sample_layouts)]
         ids = [torch.tensor(x, dtype=torch.long) for x in self.tokenizer(texts)["input_ids"]]
+        inputs.prompt_token_counts(ids, prompts, chat)
         masks = [x == self.facts["image_token_id"] for x in ids]
         embeds = [engine.embed(x[None])[0] for x in ids]
         extra = engine.info.get("extra_inputs", [])
@@ -130,24 +135,6 @@ class FrontEnd:
         return prepared
 
 
-def _batch(images, prompts) -> tuple[list[str], list[list]]:
-    """(prompts, images per prompt). One prompt: images is one image, a list, or None.
-    Several prompts: images is a list with one entry (an image, a list or None) per prompt."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-        images = [images if isinstance(images, (list, tuple)) else ([] if images is None else [images])]
-    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
-        if images is None:
-            images = [[] for _ in prompts]
-        if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
-            raise ValueError(f"with {len(prompts)} prompts, pass images as a list of {len(prompts)} entries "
-                             "(an image, a list of images, or None each)")
-        images = [im if isinstance(im, (list, tuple)) else ([] if im is None else [im]) for im in images]
-    else:
-        raise ValueError("prompts must be a string or a non-empty list of strings")
-    return list(prompts), [list(x) for x in images]
-
-
 def load_image(image):
     """A path or a PIL image -> a PIL image (arrays and tensors go to the image processor as they are)."""
     from PIL import Image, UnidentifiedImageError
@@ -161,10 +148,35 @@ def load_image(image):
                 im.load()
                 return im.copy()
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path} is not an image file PIL can read: {e}") from e
+            raise EngineInputError(f"{path} is not an image file PIL can read: {e}") from e
     if isinstance(image, Image.Image) or hasattr(image, "shape"):
         return image
-    raise ValueError(f"an image must be a path, a PIL image, an array or a tensor, got {type(image).__name__}")
+    raise EngineInputError(f"an image must be a path, a PIL image, an array or a tensor, got {type(image).__name__}")
+
+
+def check_vision_facts(path: Path, facts, model: dict) -> None:
+    """The manifest's "vision" facts the front end relies on: a family this version runs, max_tiles
+    and image_token_id (the family reads its own facts)."""
+    from ..models.registry import VLM_FAMILIES
+
+    def wrong(field, value, expected):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return EngineFormatError(f"{path}: manifest field {field} is {shown}; expected {expected} "
+                                 "(a corrupt or hand-edited manifest: recompile the model)")
+
+    if not isinstance(facts, dict):
+        raise wrong("vision", facts, "an object with the vision encoder's facts")
+    family = facts.get("family")
+    if not isinstance(family, str) or family not in VLM_FAMILIES:
+        raise EngineFormatError(f"{path}: vision family {family!r} (manifest field vision.family) is not one this "
+                                f"fastmmoe-compile runs; legal values: {', '.join(VLM_FAMILIES)}")
+    max_tiles = facts.get("max_tiles")
+    if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
+        raise wrong("vision.max_tiles", max_tiles, "a positive int")
+    token, vocab = facts.get("image_token_id"), model.get("vocab_size")
+    if not isinstance(token, int) or isinstance(token, bool) or token < 0 or \
+            (isinstance(vocab, int) and token >= vocab):
+        raise wrong("vision.image_token_id", token, f"a token id in [0, {vocab})")
 
 
 def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
@@ -174,14 +186,12 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
         return None
     from ..models.registry import VLM_FAMILIES
 
-    family = VLM_FAMILIES.get(facts.get("family"))
-    if family is None:
-        raise EngineFormatError(f"{path}: vision family {facts.get('family')!r} is not one this fastmmoe-compile "
-                                f"runs (known: {', '.join(VLM_FAMILIES)})")
-    from .engine import load_program
+    check_vision_facts(path, facts, manifest.get("model") or {})
+    family = VLM_FAMILIES[facts["family"]]
+    from .engine import load_checked
 
     # The vision encoder is an AOTInductor package in inductor engines, else a torch.export archive.
-    encoder = load_program(path / VISION_FILE, "inductor" if manifest.get("backend") == "inductor" else "export")
+    encoder = load_checked(path, VISION_FILE, "inductor" if manifest.get("backend") == "inductor" else "export")
     tokenizer = image_processor = None
     if (path / PROCESSOR_DIR).is_dir():
         tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)
@@ -200,13 +210,17 @@ def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool 
 def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True):
     """Greedy answers as they are generated: yields, per decode step, each prompt's new text piece
     ("" while its last token ends inside a multi-byte character, None once the prompt has ended).
-    Each prompt's pieces join to its generate_text answer."""
+    Each prompt's pieces join to its generate_text answer. Bad inputs raise here, at the call."""
     prepared = engine.prepare(images, prompts, chat=chat)
     tokenizer = engine.front_end.tokenizer
-    count = len(prepared.input_ids)
+    steps = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id, stream=True)
+    return _texts(tokenizer, steps, len(prepared.input_ids))
+
+
+def _texts(tokenizer, steps, count: int):
     tokens, shown = [[] for _ in range(count)], [""] * count
-    for step in engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id, stream=True):
+    for step in steps:
         pieces = []
         for i, token in enumerate(step):
             if token is None:
@@ -225,6 +239,4 @@ def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool =
 
 def stream_text(engine, images, prompt: str, max_new_tokens: int = 32, chat: bool = True):
     """One prompt's answer as it is generated: its non-empty text pieces (stream_texts)."""
-    for pieces in stream_texts(engine, images, prompt, max_new_tokens, chat):
-        if pieces[0]:
-            yield pieces[0]
+    return (pieces[0] for pieces in stream_texts(engine, images, prompt, max_new_tokens, chat) if pieces[0])
