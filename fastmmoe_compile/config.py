@@ -13,6 +13,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class MergeStage:
+    """One token-reduction stage (spec 2.1-2.9): the one description of it that the passes,
+    the merge op and the FLOPs count all read."""
+
+    layer: int
+    ratio: float  # share of the vision tokens this stage keeps
+    merge_ratio: float
+    window: int
+    alpha: float
+    strategy: str
+    method: str
+    use_router: bool = True  # FastV scores by attention alone
+
+    def kernel_settings(self) -> dict:
+        """The settings of fastmmoe::merge_tokens (algorithm.merge_stage), by name.
+        Ratios travel in integer units so stage sizes stay exact symbolic expressions."""
+        from .algorithm import ratio_units
+
+        return dict(ratio_q=ratio_units(self.ratio), merge_ratio_q=ratio_units(self.merge_ratio),
+                    window=self.window, alpha=self.alpha, strategy=self.strategy, method=self.method)
+
+
+@dataclass(frozen=True)
 class FastMMoEConfig:
     # Section 1: modality-conditioned expert activation (Top-K -> Top-Kv).
     reduce_from_layer: int = 2
@@ -70,6 +93,15 @@ class FastMMoEConfig:
             _check(self.vision_topk <= top_k,
                    f"vision_topk={self.vision_topk} exceeds the model's top-k ({top_k})")
 
+    def stages(self) -> tuple[MergeStage, ...]:
+        """The merge stages, one per merge layer, each keeping r = keep_ratio ** (1/n) (or its stage_ratios entry)."""
+        from .algorithm import stage_ratios
+
+        ratios = stage_ratios(self.keep_ratio, len(self.merge_layers), self.stage_ratios)
+        return tuple(MergeStage(layer=layer, ratio=r, merge_ratio=self.merge_ratio, window=self.window,
+                                alpha=self.alpha, strategy=self.strategy, method=self.merge_method)
+                     for layer, r in zip(self.merge_layers, ratios))
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["merge_layers"] = list(self.merge_layers)
@@ -99,6 +131,11 @@ class FastVConfig:
     def check_model(self, num_layers: int, top_k: int) -> None:
         _check(self.prune_layer < num_layers,
                f"prune_layer={self.prune_layer} is out of range: the model has {num_layers} decoder layers")
+
+    def stages(self) -> tuple[MergeStage, ...]:
+        """FastV as one stage: prune by last-token attention only, merging nothing."""
+        return (MergeStage(layer=self.prune_layer, ratio=self.keep_ratio, merge_ratio=0.0, window=2, alpha=0.0,
+                           strategy="attention", method="mean", use_router=False),)
 
     def to_dict(self) -> dict:
         return {"method": "fastv", "prune_layer": self.prune_layer, "keep_ratio": self.keep_ratio}

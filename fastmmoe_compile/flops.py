@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .config import FastMMoEConfig, FastVConfig
+from .config import FastMMoEConfig, FastVConfig, MergeStage
 
 PARTS = ("attn_proj", "attn_core", "router", "routed", "dense", "merge")
 
@@ -103,17 +103,9 @@ def _attention_dims(attn: torch.nn.Module, config) -> tuple[int, int, int]:
     return heads, int(d_qk), int(getattr(attn, "v_head_dim", None) or d_qk)
 
 
-def reduction_stages(config: FastMMoEConfig | FastVConfig | None) -> list[tuple[int, float, bool]]:
-    """(layer, vision tokens kept by the stage, scores with the router) of each token-reduction
-    stage a config asks for: the merge stages of FastMMoE, or FastV's one pruning stage."""
-    from .algorithm import stage_ratios
-
-    if config is None:
-        return []
-    if isinstance(config, FastVConfig):
-        return [(config.prune_layer, config.keep_ratio, False)]
-    ratios = stage_ratios(config.keep_ratio, len(config.merge_layers), config.stage_ratios)
-    return [(layer, r, True) for layer, r in zip(config.merge_layers, ratios)]
+def _stages(config: FastMMoEConfig | FastVConfig | None) -> tuple[MergeStage, ...]:
+    """The token-reduction stages a config asks for (none for the unmodified model)."""
+    return () if config is None else config.stages()
 
 
 def vision_schedule(config: FastMMoEConfig | FastVConfig | None, num_layers: int,
@@ -125,7 +117,7 @@ def vision_schedule(config: FastMMoEConfig | FastVConfig | None, num_layers: int
     (algorithm.vision_after_stage on the ratio in integer units)."""
     from .algorithm import ratio_units, vision_after_stage
 
-    ratios = {layer: r for layer, r, _ in reduction_stages(config)}
+    ratios = {stage.layer: stage.ratio for stage in _stages(config)}
     n, out = num_vision, []
     for layer in range(num_layers):
         before = n
@@ -154,7 +146,7 @@ def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tok
             raise ValueError(f"{len(sched)} per-layer vision counts for {num_layers} layers")
     moe = dict(family.moe_blocks(lm))
     top_k = family.top_k(cfg)
-    stages = {layer: uses_router for layer, _, uses_router in reduction_stages(config)}
+    stages = {stage.layer: stage.use_router for stage in _stages(config)}
     topkv = isinstance(config, FastMMoEConfig)
     report = []
     for i, layer in enumerate(layers):

@@ -85,11 +85,11 @@ def merge_tokens(hidden: torch.Tensor, probs: torch.Tensor | None, attn: torch.T
                  ratio_q: int, merge_ratio_q: int, window: int, alpha: float, strategy: str, method: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One merge/prune stage for every sample: (keep [B, S'], hidden [B, S', H], vision [B, N'])."""
-    batch, seq, _ = hidden.shape
-    probs = attn[..., None] if probs is None else probs.reshape(batch, seq, -1)  # FastV: attention only
-    outs = [algorithm.merge_stage(hidden[b], probs[b], attn[b], vision_positions[b], ratio_q, merge_ratio_q,
-                                  window, alpha, strategy, method) for b in range(batch)]
-    return tuple(torch.stack(t).contiguous() for t in zip(*outs))
+    if vision_positions.shape[1] > algorithm.MAX_VISION_TOKENS:  # vision_after_stage is exact below it
+        raise ValueError(f"more than {algorithm.MAX_VISION_TOKENS} vision tokens in one sample")
+    outs = algorithm.merge_stage(hidden, probs, attn, vision_positions, ratio_q=ratio_q, merge_ratio_q=merge_ratio_q,
+                                 window=window, alpha=alpha, strategy=strategy, method=method)
+    return tuple(t.contiguous() for t in outs)
 
 
 @merge_tokens.register_fake
@@ -117,7 +117,7 @@ def _(x, keep, dims):
 
 
 # Used by lower/ to turn the small ops into aten before Inductor sees them. merge_tokens
-# stays an op: its selection is per-sample and data-dependent inside (not in its shapes).
+# stays one opaque op for Inductor (the onnx lowering decomposes it into algorithm.merge_stage).
 DECOMPOSITIONS = {
     torch.ops.fastmmoe.route_pairs.default: algorithm.all_pairs,
     torch.ops.fastmmoe.route_pairs_topkv.default: algorithm.modality_pairs,

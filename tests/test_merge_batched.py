@@ -1,9 +1,11 @@
-"""algorithm.merge_stage_batched (the loop-free merge stage the onnx backend runs) selects the
-same tokens and builds the same merged vectors as merge_stage, sample by sample."""
+"""algorithm.merge_stage (the loop-free merge kernel every backend runs) selects the same tokens
+and builds the same merged vectors as the per-sample loop of tests/merge_reference.py."""
 import pytest
 import torch
 
 from fastmmoe_compile import algorithm as A
+
+from .merge_reference import merge_stage_loop
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -23,10 +25,11 @@ def test_batched_merge_stage_equals_merge_stage(seed):
         if trial % 4 == 0:
             attn = attn.round(decimals=1)  # ties in importance and window attention
         vision = torch.stack([torch.randperm(seq, generator=g)[:n].sort().values for _ in range(batch)])
-        keep, new_hidden, new_vision = A.merge_stage_batched(hidden, probs, attn, vision, ratio_q, merge_q, window,
-                                                             0.5, strategy, method)
+        settings = dict(ratio_q=ratio_q, merge_ratio_q=merge_q, window=window, alpha=0.5, strategy=strategy,
+                        method=method)
+        keep, new_hidden, new_vision = A.merge_stage(hidden, probs, attn, vision, **settings)
         p = attn[..., None] if probs is None else probs
         for b in range(batch):
-            k, h, v = A.merge_stage(hidden[b], p[b], attn[b], vision[b], ratio_q, merge_q, window, 0.5, strategy, method)
+            k, h, v = merge_stage_loop(hidden[b], p[b], attn[b], vision[b], **settings)
             assert torch.equal(keep[b], k) and torch.equal(new_vision[b], v), (trial, b)
             torch.testing.assert_close(new_hidden[b], h, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,10 @@ def module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def user_input(program: ExportedProgram, name: str) -> torch.fx.Node:
+VISION_INPUT = "vision_positions"  # the backbone's input the passes rewrite around (export/capture.py)
+
+
+def user_input(program: ExportedProgram, name: str = VISION_INPUT) -> torch.fx.Node:
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name == name:
             return node
@@ -43,13 +46,38 @@ def fake_call(op, *args, **kwargs):
     return op(*[val(a) for a in args], **{k: val(v) for k, v in kwargs.items()})
 
 
-def insert_call(graph: torch.fx.Graph, before: torch.fx.Node, op, args, like: torch.fx.Node) -> torch.fx.Node:
-    """Insert op(*args) before `before`, with meta (fake value, module stack) taken from `like`."""
-    with graph.inserting_before(before):
-        node = graph.call_function(op, tuple(args))
-    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+# Meta a new node takes from the node it stands in for: where it sits (module path, source line).
+# Not source_fn_stack: that names the source function of the original node, which the new one isn't.
+COPIED_META = ("nn_module_stack", "stack_trace")
+
+
+def insert_call(graph: torch.fx.Graph, op, args=(), settings: dict | None = None, *, before: torch.fx.Node | None = None,
+                after: torch.fx.Node | None = None, like: torch.fx.Node | None = None) -> torch.fx.Node:
+    """The one way a pass adds a call: op(*args, **settings), before `before` or after `after`,
+    with meta (module path) from `like` and its fake value computed.
+
+    Settings come by name and are laid out in the op's schema order: the graph keeps positional
+    arguments, as torch.export writes them, so the graph diff and saved programs read as before."""
+    args = tuple(args)
+    if settings:
+        names = [a.name for a in op._schema.arguments][len(args):]
+        if set(settings) != set(names):
+            raise TypeError(f"{op}: settings {sorted(settings)} do not match the schema's {names}")
+        args += tuple(settings[n] for n in names)
+    with graph.inserting_before(before) if before is not None else graph.inserting_after(after):
+        node = graph.call_function(op, args)
+    node.meta = {k: v for k, v in like.meta.items() if k in COPIED_META} if like is not None else {}
     node.meta["val"] = fake_call(op, *args)
     return node
+
+
+def insert_copies(graph: torch.fx.Graph, nodes: list[torch.fx.Node], before: torch.fx.Node) -> dict:
+    """Copies of `nodes` (in graph order) before `before`, reading each other's copies: {original: copy}."""
+    mapping = {}
+    for n in nodes:
+        with graph.inserting_before(before):
+            mapping[n] = graph.node_copy(n, lambda a: mapping.get(a, a))
+    return mapping
 
 
 def finish(program: ExportedProgram) -> None:

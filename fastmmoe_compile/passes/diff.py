@@ -15,6 +15,7 @@ import sympy
 import torch
 from torch.export import ExportedProgram
 
+from .. import algorithm
 from ..models.base import layer_of
 from .base import module_path
 
@@ -85,7 +86,7 @@ def _stage_names(program, names) -> list[tuple[str, str]]:
         if node.target is torch.ops.fastmmoe.merge_tokens.default:
             keep, _, vision = node.meta["val"]
             i = len(defs) // 2 + 1
-            ratio = node.args[4] / 1_000_000
+            ratio = _argument(node, "ratio_q") / algorithm.RATIO_SCALE
             n_label, s_label = f"N{i}", f"S{i}"
             defs.append((n_label, f"min({previous_n}, max(1, floor({previous_n} * {ratio:g})))"))
             before_s = _shape_dim(node.args[0].meta["val"].shape[1], names)
@@ -95,6 +96,12 @@ def _stage_names(program, names) -> list[tuple[str, str]]:
                     names[dim.node.expr] = sympy.Symbol(label, integer=True, positive=True)
             previous_n = n_label
     return defs
+
+
+def _argument(node: torch.fx.Node, name: str):
+    """An op node's argument by its schema name (the graph holds them positionally)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return node.kwargs[name] if name in node.kwargs else node.args[names.index(name)]
 
 
 def _shape_dim(d, names) -> str:

@@ -19,14 +19,13 @@ from .routers import find_routers
 class ModalityTopK(GraphPass):
     name = "modality_topk"
 
-    def __init__(self, reduce_from_layer: int, kv_for, vision_input: str = "vision_positions"):
+    def __init__(self, reduce_from_layer: int, kv_for):
         self.reduce_from_layer = reduce_from_layer
         self.kv_for = kv_for  # top_k -> Kv (FastMMoEConfig.kv)
-        self.vision_input = vision_input
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
-        vision = user_input(program, self.vision_input)
+        vision = user_input(program)
         changes = []
         for site in find_routers(graph):
             if site.layer < self.reduce_from_layer or site.route.target != torch.ops.fastmmoe.route_pairs.default:
@@ -34,10 +33,8 @@ class ModalityTopK(GraphPass):
             kv = self.kv_for(site.top_k)
             if kv >= site.top_k:  # Kv == K is the unmodified model: leave the graph alone
                 continue
-            new = insert_call(
-                graph, site.route, torch.ops.fastmmoe.route_pairs_topkv.default,
-                (site.weights, site.ids, vision, kv), like=site.route,
-            )
+            new = insert_call(graph, torch.ops.fastmmoe.route_pairs_topkv.default, (site.weights, site.ids, vision),
+                              dict(kv=kv), before=site.route, like=site.route)
             site.route.replace_all_uses_with(new)
             graph.erase_node(site.route)
             changes.append({"layer": site.layer, "router": site.router_path, "top_k": site.top_k, "kv": kv})

@@ -5,12 +5,11 @@ from dataclasses import dataclass
 
 from torch.export import ExportedProgram
 
-from .. import algorithm
 from ..config import FastMMoEConfig, FastVConfig
 from .base import GraphPass
 from .diff import diff, summarize
 from .modality_topk import ModalityTopK
-from .token_reduction import Stage, TokenReduction
+from .token_reduction import TokenReduction
 
 
 @dataclass
@@ -24,14 +23,10 @@ class PassRecord:
 
 def build_passes(config: FastMMoEConfig | FastVConfig) -> list[GraphPass]:
     if isinstance(config, FastVConfig):
-        stage = Stage(config.prune_layer, config.keep_ratio, 0.0, 2, 0.0, "attention", "mean", use_router=False)
-        return [TokenReduction([stage], name="fastv")]
+        return [TokenReduction(config.stages(), name="fastv")]
     passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv)]
-    if config.merge_layers:
-        ratios = algorithm.stage_ratios(config.keep_ratio, len(config.merge_layers), config.stage_ratios)
-        stages = [Stage(layer, r, config.merge_ratio, config.window, config.alpha, config.strategy,
-                        config.merge_method) for layer, r in zip(config.merge_layers, ratios)]
-        passes.append(TokenReduction(stages, name="routing_merge"))
+    if config.stages():
+        passes.append(TokenReduction(config.stages(), name="routing_merge"))
     return passes
 
 

@@ -25,7 +25,6 @@ class RouterSite:
     weights: torch.fx.Node  # final top-K weights [T, K] (normalised / scaled as the model does)
     ids: torch.fx.Node  # top-K expert ids [T, K]
     scores: torch.fx.Node | None  # router probabilities over all experts [T, E]
-    topk: list[torch.fx.Node]  # every aten.topk of the router (group-limited routers have several)
 
     @property
     def top_k(self) -> int:
@@ -47,6 +46,5 @@ def find_routers(graph: torch.fx.Graph) -> list[RouterSite]:
             raise RuntimeError(f"routing op {node.name} is outside any decoder layer ({module_path(node)!r})")
         router_nodes = by_path.get(router_path, [])
         scores = next((n for n in router_nodes if n.op == "call_function" and n.target in SCORE_OPS), None)
-        topk = [n for n in router_nodes if n.op == "call_function" and n.target == torch.ops.aten.topk.default]
-        sites.append(RouterSite(layer, router_path, node, weights, ids, scores, topk))
+        sites.append(RouterSite(layer, router_path, node, weights, ids, scores))
     return sorted(sites, key=lambda s: s.layer)

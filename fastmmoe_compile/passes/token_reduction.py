@@ -20,24 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch.export import ExportedProgram
 
-from .. import algorithm
+from ..config import MergeStage
 from ..models.base import layer_of
-from .base import GraphPass, PassResult, fake_call, finish, module_path, user_input
+from .base import GraphPass, PassResult, finish, insert_call, insert_copies, module_path, user_input
 from .routers import find_routers
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-@dataclass(frozen=True)
-class Stage:
-    layer: int
-    ratio: float  # vision tokens kept by this stage
-    merge_ratio: float
-    window: int
-    alpha: float
-    strategy: str
-    method: str
-    use_router: bool = True  # FastV scores by attention alone
 
 
 class TokenReductionError(RuntimeError):
@@ -45,137 +33,160 @@ class TokenReductionError(RuntimeError):
 
 
 class TokenReduction(GraphPass):
-    def __init__(self, stages: list[Stage], name: str, vision_input: str = "vision_positions"):
+    """One pass per method (routing_merge, fastv): a stage after another, each reading the
+    shapes the previous one left."""
+
+    def __init__(self, stages: tuple[MergeStage, ...], name: str):
         self.stages = stages
         self.name = name
-        self.vision_input = vision_input
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
-        vision = user_input(program, self.vision_input)
+        vision = user_input(program)
         changes = []
         for stage in self.stages:
-            vision, change = self._insert_stage(graph, stage, vision)
-            changes.append(change)
+            anchors = locate_anchors(graph, stage)
+            seq = anchors.residual.meta["val"].shape[1]
+            merge = insert_merge(graph, anchors, stage, vision)
+            rewire(graph, anchors.residual, merge, vision)
+            vision = merge.vision
+            changes.append({
+                "layer": stage.layer, "ratio": round(stage.ratio, 6), "merge_ratio": stage.merge_ratio,
+                "window": stage.window, "strategy": stage.strategy, "method": stage.method,
+                "tokens_before": str(seq), "tokens_after": str(merge.hidden.meta["val"].shape[1]),
+            })
             finish(program)  # the next stage reads the reduced shapes
         return PassResult(program, bool(changes), changes)
 
-    def _insert_stage(self, graph: torch.fx.Graph, stage: Stage, vision: torch.fx.Node):
-        nodes = [n for n in graph.nodes if layer_of(module_path(n)) == stage.layer]
-        sdpa = next((n for n in nodes if n.target == SDPA), None)
-        if sdpa is None:
-            raise TokenReductionError(f"layer {stage.layer}: no scaled_dot_product_attention found")
-        layer_path = module_path(sdpa).split(".self_attn")[0]
-        residual = next((n for n in nodes if n.target == torch.ops.aten.add.Tensor and module_path(n) == layer_path
-                         and _after(n, sdpa)), None)
-        if residual is None:
-            raise TokenReductionError(f"layer {stage.layer}: no attention residual add found")
-        site = next((s for s in find_routers(graph) if s.layer == stage.layer), None)
-        if stage.use_router and (site is None or site.scores is None):
+
+@dataclass
+class Anchors:
+    """Where a stage hooks into its layer."""
+    sdpa: torch.fx.Node  # the layer's attention: its q, k and mask give the last-token scores
+    residual: torch.fx.Node  # attention output + residual: the stream the merge reduces
+    scores: torch.fx.Node | None  # the router's probabilities (None when the stage needs no router)
+
+
+@dataclass
+class Merge:
+    """The merge op and its three outputs."""
+    op: torch.fx.Node
+    keep: torch.fx.Node  # [B, S'] kept positions
+    hidden: torch.fx.Node  # [B, S', H] reduced stream
+    vision: torch.fx.Node  # [B, N'] vision positions in the reduced sequence
+
+
+def locate_anchors(graph: torch.fx.Graph, stage: MergeStage) -> Anchors:
+    nodes = [n for n in graph.nodes if layer_of(module_path(n)) == stage.layer]
+    sdpa = next((n for n in nodes if n.target == SDPA), None)
+    if sdpa is None:
+        raise TokenReductionError(f"layer {stage.layer}: no scaled_dot_product_attention found")
+    layer_path = module_path(sdpa).split(".self_attn")[0]
+    residual = next((n for n in nodes if n.target == torch.ops.aten.add.Tensor and module_path(n) == layer_path
+                     and _after(n, sdpa)), None)
+    if residual is None:
+        raise TokenReductionError(f"layer {stage.layer}: no attention residual add found")
+    if not stage.use_router:
+        return Anchors(sdpa, residual, None)
+    site = next((s for s in find_routers(graph) if s.layer == stage.layer), None)
+    if site is None or site.scores is None:
+        raise TokenReductionError(
+            f"merge layer {stage.layer} has no routed-MoE router (a dense layer?); choose an MoE layer")
+    return Anchors(sdpa, residual, site.scores)
+
+
+def insert_merge(graph: torch.fx.Graph, anchors: Anchors, stage: MergeStage, vision: torch.fx.Node) -> Merge:
+    """Right after the residual add: the stage's scores, then fastmmoe::merge_tokens and its outputs.
+    The later layers still read the old stream until rewire()."""
+    at, sdpa, residual = anchors.residual.next, anchors.sdpa, anchors.residual
+    q, k = sdpa.args[0], sdpa.args[1]
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    attn = insert_call(graph, torch.ops.fastmmoe.last_token_attention.default, (q, k, mask, sdpa.kwargs.get("scale")),
+                       before=at, like=sdpa)
+    probs = clone_router(graph, anchors.scores, residual, at) if anchors.scores is not None else None
+    op = insert_call(graph, torch.ops.fastmmoe.merge_tokens.default, (residual, probs, attn, vision),
+                     stage.kernel_settings(), before=at, like=residual)
+    keep, hidden, new_vision = (insert_call(graph, operator.getitem, (op, i), before=at, like=residual)
+                                for i in range(3))
+    return Merge(op, keep, hidden, new_vision)
+
+
+def clone_router(graph: torch.fx.Graph, scores: torch.fx.Node, residual: torch.fx.Node, at: torch.fx.Node):
+    """Copy the router's chain residual -> ... -> scores so it scores the pre-merge stream
+    (the router itself will read the reduced one)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    chain, stack = set(), [scores]
+    while stack:
+        n = stack.pop()
+        if n in chain or n.op in ("placeholder", "get_attr") or order[n] <= order[residual]:
+            continue
+        chain.add(n)
+        stack.extend(n.all_input_nodes)
+    return insert_copies(graph, sorted(chain, key=order.__getitem__), before=at)[scores]
+
+
+def rewire(graph: torch.fx.Graph, residual: torch.fx.Node, merge: Merge, vision: torch.fx.Node) -> None:
+    """Everything after the merge reads the reduced sequence: the stream itself, the vision
+    positions, the sequence length (export shares one size node across layers), and every value
+    indexed by the old sequence (gathered by the kept positions)."""
+    inserted = _between(residual, merge.vision.next)  # the stage's own nodes read the old stream
+    residual.replace_all_uses_with(merge.hidden, delete_user_cb=lambda u: u not in inserted)
+    seq = residual.meta["val"].shape[1]
+    seq_expr = seq.node.expr if isinstance(seq, torch.SymInt) else seq
+    after = _downstream(merge.op)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node in after or node in inserted:
+            continue
+        readers = [u for u in node.users if u in after and u not in inserted]
+        if layer_of(module_path(node)) is not None:
+            # A layer's own result returned as is (its KV cache) keeps the tokens that reached that layer.
+            readers = [u for u in readers if u.op != "output"]
+        if not readers:
+            continue
+        replacement = (merge.vision if node is vision
+                       else _reduced(graph, node, merge, seq_expr, first=min(readers, key=order.__getitem__)))
+        for u in readers if replacement is not None else ():
+            u.replace_input_with(node, replacement)
+
+
+def _reduced(graph, node, merge: Merge, seq_expr, first: torch.fx.Node) -> torch.fx.Node | None:
+    """What a read of `node` after the merge reads instead (None: it does not depend on the sequence)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt) and _same(val, seq_expr):
+        return insert_call(graph, torch.ops.aten.sym_size.int, (merge.hidden, 1), after=merge.hidden)
+    if isinstance(val, torch.SymInt) and _mentions(val, seq_expr):
+        raise TokenReductionError(f"{node.name}: a size of the pre-merge sequence is read after the merge")
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = [i for i, d in enumerate(val.shape) if _same(d, seq_expr)]
+    if not dims:
+        if any(_mentions(d, seq_expr) for d in val.shape):
             raise TokenReductionError(
-                f"merge layer {stage.layer} has no routed-MoE router (a dense layer?); choose an MoE layer")
+                f"{node.name} {list(val.shape)}: flattened over the pre-merge sequence and read after it")
+        return None
+    return insert_call(graph, torch.ops.fastmmoe.gather_tokens.default, (node, merge.keep, dims), before=first,
+                       like=first)
 
-        anchor = residual.next
-        new_nodes: list[torch.fx.Node] = []
 
-        def call(op, args, like):
-            with graph.inserting_before(anchor):
-                node = graph.call_function(op, tuple(args))
-            node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")}
-            node.meta["val"] = fake_call(op, *args)
-            new_nodes.append(node)
-            return node
+def _downstream(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Every node that reads `node`, directly or not."""
+    seen, frontier = set(), [node]
+    while frontier:
+        for u in frontier.pop().users:
+            if u not in seen:
+                seen.add(u)
+                frontier.append(u)
+    return seen
 
-        q, k = sdpa.args[0], sdpa.args[1]
-        mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
-        attn = call(torch.ops.fastmmoe.last_token_attention.default, (q, k, mask, sdpa.kwargs.get("scale")), sdpa)
-        probs = self._clone_scores(graph, site.scores, residual, anchor, new_nodes) if stage.use_router else None
-        merge = call(torch.ops.fastmmoe.merge_tokens.default,
-                     (residual, probs, attn, vision, algorithm.ratio_units(stage.ratio),
-                      algorithm.ratio_units(stage.merge_ratio), stage.window, stage.alpha, stage.strategy,
-                      stage.method), residual)
-        keep, hidden, new_vision = (call(operator.getitem, (merge, i), residual) for i in range(3))
-        keep_users = set(new_nodes)
-        residual.replace_all_uses_with(hidden, delete_user_cb=lambda u: u not in keep_users)
-        self._rewire(graph, merge, keep, hidden, vision, new_vision, residual.meta["val"].shape[1], set(new_nodes))
-        seq = residual.meta["val"].shape[1]
-        return new_vision, {
-            "layer": stage.layer, "ratio": round(stage.ratio, 6), "merge_ratio": stage.merge_ratio,
-            "window": stage.window, "strategy": stage.strategy, "method": stage.method,
-            "tokens_before": str(seq), "tokens_after": str(hidden.meta["val"].shape[1]),
-        }
 
-    @staticmethod
-    def _clone_scores(graph, scores, residual, anchor, new_nodes):
-        """Copy the router's chain residual -> ... -> scores so it reads the pre-merge stream."""
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        chain, stack = set(), [scores]
-        while stack:
-            n = stack.pop()
-            if n in chain or n.op in ("placeholder", "get_attr") or order[n] <= order[residual]:
-                continue
-            chain.add(n)
-            stack.extend(n.all_input_nodes)
-        mapping = {}
-        for n in sorted(chain, key=order.__getitem__):
-            with graph.inserting_before(anchor):
-                copy = graph.node_copy(n, lambda a: mapping.get(a, a))
-            mapping[n] = copy
-            new_nodes.append(copy)
-        return mapping[scores]
-
-    @staticmethod
-    def _rewire(graph, merge, keep, hidden, vision, new_vision, seq, new_nodes):
-        """Every value indexed by the old sequence that is read after the merge gets gathered;
-        every read of the old sequence length (export shares one size node across layers)
-        reads the new one."""
-        after, frontier = set(), [merge]
-        while frontier:
-            n = frontier.pop()
-            for u in n.users:
-                if u not in after:
-                    after.add(u)
-                    frontier.append(u)
-        seq_expr = seq.node.expr if isinstance(seq, torch.SymInt) else seq
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for node in list(graph.nodes):
-            if node in after or node in new_nodes:
-                continue
-            readers = [u for u in node.users if u in after and u not in new_nodes]
-            if layer_of(module_path(node)) is not None:
-                # A layer's own result returned as is (its KV cache) keeps the tokens that reached that layer.
-                readers = [u for u in readers if u.op != "output"]
-            if not readers:
-                continue
-            if node is vision:
-                for u in readers:
-                    u.replace_input_with(vision, new_vision)
-                continue
-            val = node.meta.get("val")
-            if isinstance(val, torch.SymInt) and _same(val, seq_expr):
-                with graph.inserting_after(hidden):
-                    size = graph.call_function(torch.ops.aten.sym_size.int, (hidden, 1))
-                size.meta["val"] = hidden.meta["val"].shape[1]
-                for u in readers:
-                    u.replace_input_with(node, size)
-                continue
-            if isinstance(val, torch.SymInt) and _mentions(val, seq_expr):
-                raise TokenReductionError(f"{node.name}: a size of the pre-merge sequence is read after the merge")
-            if not isinstance(val, torch.Tensor):
-                continue
-            dims = [i for i, d in enumerate(val.shape) if _same(d, seq_expr)]
-            if not dims:
-                if any(_mentions(d, seq_expr) for d in val.shape):
-                    raise TokenReductionError(
-                        f"{node.name} {list(val.shape)}: flattened over the pre-merge sequence and read after it")
-                continue
-            first = min(readers, key=order.__getitem__)
-            with graph.inserting_before(first):
-                gathered = graph.call_function(torch.ops.fastmmoe.gather_tokens.default, (node, keep, dims))
-            gathered.meta = {k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")}
-            gathered.meta["val"] = fake_call(torch.ops.fastmmoe.gather_tokens.default, node, keep, dims)
-            for u in readers:
-                u.replace_input_with(node, gathered)
+def _between(first: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes after `first` and before `end`, in the graph's order."""
+    out, n = set(), first.next
+    while n is not end:
+        out.add(n)
+        n = n.next
+    return out
 
 
 def _same(d, expr) -> bool:
