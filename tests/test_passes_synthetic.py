@@ -4,6 +4,8 @@ attention at `layers.N.self_attn` calling SDPA, the attention residual add in th
 a router at `layers.N.mlp.gate` (linear -> softmax -> topk) feeding fastmmoe::route_pairs in
 `layers.N.mlp.experts`. Layer 0 is dense. The rewritten graphs are checked against an eager
 computation written out here, with the per-sample merge loop of tests/merge_reference.py."""
+import copy
+
 import pytest
 import torch
 from torch.export import Dim
@@ -105,6 +107,17 @@ def model():
     return Backbone().eval()
 
 
+@pytest.fixture(scope="module")
+def exported(model):
+    return export(model)
+
+
+@pytest.fixture
+def program(exported):
+    """A copy per test (exporting takes seconds, copying milliseconds): passes edit it in place."""
+    return copy.deepcopy(exported)
+
+
 def export(model):
     batch, seq, vision = Dim("B", min=1, max=64), Dim("S", min=2, max=256), Dim("N", min=0, max=256)
     example = (torch.zeros(2, 24, HIDDEN), torch.arange(2, 14).expand(2, 12).contiguous())
@@ -173,8 +186,8 @@ def eager_moe(moe, x, vision, kv):
 
 # --- the passes --------------------------------------------------------------------
 
-def test_find_routers(model):
-    sites = find_routers(export(model).graph)
+def test_find_routers(program):
+    sites = find_routers(program.graph)
     assert [s.layer for s in sites] == [1, 2]  # the dense layer 0 has none
     for s in sites:
         assert s.router_path == f"layers.{s.layer}.mlp.gate" and s.top_k == TOP_K
@@ -182,16 +195,15 @@ def test_find_routers(model):
         assert s.route.target == torch.ops.fastmmoe.route_pairs.default
 
 
-def test_export_matches_eager(model):
+def test_export_matches_eager(model, program):
     embeds, vision = inputs()
-    logits, kept = run(export(model), embeds, vision)
+    logits, kept = run(program, embeds, vision)
     ref_logits, ref_kept = eager(model, embeds, vision)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(kept, ref_kept)
 
 
-def test_modality_topk(model):
-    program = export(model)
+def test_modality_topk(model, program):
     result = ModalityTopK(reduce_from_layer=1, kv_for=lambda k: 1)(program)
     assert result.modified and result.changes == [
         {"layer": i, "router": f"layers.{i}.mlp.gate", "top_k": TOP_K, "kv": 1} for i in (1, 2)]
@@ -203,8 +215,7 @@ def test_modality_topk(model):
     assert not (logits - eager(model, embeds, vision)[0]).abs().max() < 1e-4  # it did change the model
 
 
-def test_modality_topk_with_kv_equal_k_changes_nothing(model):
-    program = export(model)
+def test_modality_topk_with_kv_equal_k_changes_nothing(program):
     before = summarize(program)
     result = ModalityTopK(reduce_from_layer=0, kv_for=lambda k: k)(program)
     assert not result.modified and result.changes == []
@@ -212,10 +223,9 @@ def test_modality_topk_with_kv_equal_k_changes_nothing(model):
 
 
 @pytest.mark.parametrize("strategy,method", [("hybrid", "mlerp"), ("routing", "mean"), ("attention", "mlerp")])
-def test_routing_merge(model, strategy, method):
+def test_routing_merge(model, program, strategy, method):
     config = FastMMoEConfig(merge_layers=(1,), keep_ratio=0.5, merge_ratio=0.3, window=3, alpha=0.4,
                             strategy=strategy, merge_method=method)
-    program = export(model)
     result = TokenReduction(config.stages(), name="routing_merge")(program)
     assert result.modified and [c["layer"] for c in result.changes] == [1]
     assert count(program, torch.ops.fastmmoe.merge_tokens.default) == 1
@@ -230,9 +240,9 @@ def test_routing_merge(model, strategy, method):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_two_stages_and_topkv_through_apply_passes(model):
+def test_two_stages_and_topkv_through_apply_passes(model, program):
     config = FastMMoEConfig(reduce_from_layer=1, vision_topk=1, merge_layers=(1, 2), keep_ratio=0.25)
-    program, record = apply_passes(export(model), config)
+    program, record = apply_passes(program, config)
     assert [p["pass"] for p in record.passes] == ["modality_topk", "routing_merge"]
     assert all(p["modified"] for p in record.passes)
     assert "+ 1 x fastmmoe.merge_tokens" in record.graph_diff and "N2 = min(N1" in record.graph_diff
@@ -243,9 +253,8 @@ def test_two_stages_and_topkv_through_apply_passes(model):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_fastv(model):
+def test_fastv(model, program):
     config = FastVConfig(prune_layer=1, keep_ratio=0.5)
-    program = export(model)
     result = TokenReduction(config.stages(), name="fastv")(program)
     assert result.modified and result.changes[0]["strategy"] == "attention"
     assert count(program, torch.ops.aten.softmax.int) == 2  # scored by attention alone: no router clone
@@ -258,13 +267,12 @@ def test_fastv(model):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_at_a_dense_layer_is_a_clear_error(model):
+def test_merge_at_a_dense_layer_is_a_clear_error(program):
     with pytest.raises(TokenReductionError, match="merge layer 0 has no routed-MoE router"):
-        TokenReduction(FastMMoEConfig(merge_layers=(0,), keep_ratio=0.5).stages(), name="routing_merge")(export(model))
+        TokenReduction(FastMMoEConfig(merge_layers=(0,), keep_ratio=0.5).stages(), name="routing_merge")(program)
 
 
-def test_diff_names_stage_counts(model):
-    program = export(model)
+def test_diff_names_stage_counts(program):
     before = summarize(program)
     TokenReduction(FastMMoEConfig(merge_layers=(2,), keep_ratio=0.5).stages(), name="routing_merge")(program)
     text = diff(before, summarize(program))
@@ -273,8 +281,7 @@ def test_diff_names_stage_counts(model):
         in text
 
 
-def test_insert_call_takes_settings_by_name_only_when_they_match_the_schema(model):
-    program = export(model)
+def test_insert_call_takes_settings_by_name_only_when_they_match_the_schema(program):
     route = next(n for n in program.graph.nodes if n.target == torch.ops.fastmmoe.route_pairs.default)
     vision = next(n for n in program.graph.nodes if n.name == "vision_positions")
     new = insert_call(program.graph, torch.ops.fastmmoe.route_pairs_topkv.default, route.args[:2] + (vision,),

@@ -10,12 +10,15 @@ from torch.export import ExportedProgram
 
 @dataclass
 class PassResult:
+    """torch.fx's PassResult (graph_module, modified), holding the ExportedProgram instead: a
+    pass that replaces an output must also rename it in the program's signature."""
     program: ExportedProgram
     modified: bool
     changes: list[dict] = field(default_factory=list)  # one entry per rewritten site
 
 
 class GraphPass:
+    """A pass: a named callable, program -> PassResult (torch.fx's PassBase contract)."""
     name = "pass"
 
     def __call__(self, program: ExportedProgram) -> PassResult:  # pragma: no cover - interface
@@ -28,14 +31,12 @@ def module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-VISION_INPUT = "vision_positions"  # the backbone's input the passes rewrite around (export/capture.py)
-
-
-def user_input(program: ExportedProgram, name: str = VISION_INPUT) -> torch.fx.Node:
+def vision_input(program: ExportedProgram) -> torch.fx.Node:
+    """The backbone's vision_positions input (export/capture.py), which the passes wire in."""
     for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name == name:
+        if node.op == "placeholder" and node.name == "vision_positions":
             return node
-    raise KeyError(f"the exported program has no input named {name!r}")
+    raise KeyError("the exported program has no input named 'vision_positions'")
 
 
 def fake_call(op, *args, **kwargs):

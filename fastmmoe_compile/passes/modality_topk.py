@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from .base import GraphPass, PassResult, finish, insert_call, user_input
+from .base import GraphPass, PassResult, finish, insert_call, vision_input
 from .routers import find_routers
 
 
@@ -25,7 +25,7 @@ class ModalityTopK(GraphPass):
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
-        vision = user_input(program)
+        vision = vision_input(program)
         changes = []
         for site in find_routers(graph):
             if site.layer < self.reduce_from_layer or site.route.target != torch.ops.fastmmoe.route_pairs.default:

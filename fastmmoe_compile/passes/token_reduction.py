@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 
 from ..config import MergeStage
 from ..models.base import layer_of
-from .base import GraphPass, PassResult, finish, insert_call, insert_copies, module_path, user_input
+from .base import GraphPass, PassResult, finish, insert_call, insert_copies, module_path, vision_input
 from .routers import find_routers
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -42,7 +42,7 @@ class TokenReduction(GraphPass):
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
-        vision = user_input(program)
+        vision = vision_input(program)
         changes = []
         for stage in self.stages:
             anchors = locate_anchors(graph, stage)
@@ -95,15 +95,23 @@ def locate_anchors(graph: torch.fx.Graph, stage: MergeStage) -> Anchors:
     return Anchors(sdpa, residual, site.scores)
 
 
-def insert_merge(graph: torch.fx.Graph, anchors: Anchors, stage: MergeStage, vision: torch.fx.Node) -> Merge:
-    """Right after the residual add: the stage's scores, then fastmmoe::merge_tokens and its outputs.
-    The later layers still read the old stream until rewire()."""
-    at, sdpa, residual = anchors.residual.next, anchors.sdpa, anchors.residual
+def insert_scores(graph: torch.fx.Graph, anchors: Anchors) -> tuple[torch.fx.Node | None, torch.fx.Node]:
+    """Right after the residual add: the stage's routing distributions (None for FastV) and the
+    last token's attention row, from the layer's own q, k and mask (its attention stays fused)."""
+    at, sdpa = anchors.residual.next, anchors.sdpa
     q, k = sdpa.args[0], sdpa.args[1]
     mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
     attn = insert_call(graph, torch.ops.fastmmoe.last_token_attention.default, (q, k, mask, sdpa.kwargs.get("scale")),
                        before=at, like=sdpa)
-    probs = clone_router(graph, anchors.scores, residual, at) if anchors.scores is not None else None
+    probs = clone_router(graph, anchors.scores, anchors.residual, at) if anchors.scores is not None else None
+    return probs, attn
+
+
+def insert_merge(graph: torch.fx.Graph, anchors: Anchors, stage: MergeStage, vision: torch.fx.Node) -> Merge:
+    """The stage's scores, then fastmmoe::merge_tokens and its outputs. Later layers still read
+    the old stream until rewire()."""
+    at, residual = anchors.residual.next, anchors.residual  # inserting before `at` keeps it the anchor
+    probs, attn = insert_scores(graph, anchors)
     op = insert_call(graph, torch.ops.fastmmoe.merge_tokens.default, (residual, probs, attn, vision),
                      stage.kernel_settings(), before=at, like=residual)
     keep, hidden, new_vision = (insert_call(graph, operator.getitem, (op, i), before=at, like=residual)
@@ -146,7 +154,9 @@ def rewire(graph: torch.fx.Graph, residual: torch.fx.Node, merge: Merge, vision:
             continue
         replacement = (merge.vision if node is vision
                        else _reduced(graph, node, merge, seq_expr, first=min(readers, key=order.__getitem__)))
-        for u in readers if replacement is not None else ():
+        if replacement is None:
+            continue
+        for u in readers:
             u.replace_input_with(node, replacement)
 
 
