@@ -303,7 +303,8 @@ def merge_share(program, inputs, rows: int = 0) -> dict:
 
 
 def compile_variant(program, inputs):
-    """lower.inductor.compile_in_process, compiled here by its first call (Inductor compiles lazily)."""
+    """lower.compile_in_process (what compile_model(out=None) lowers with), compiled here by its first
+    call (Inductor compiles lazily)."""
     from fastmmoe_compile.lower import compile_in_process
 
     fn = compile_in_process(program)
