@@ -2,20 +2,22 @@
 alone and FastV, against the unmodified backbone and transformers' own model, in one run
 (batch 1). `fastmmoe-compile bench` and benchmarks/bench_prefill.py are thin entries to main().
 
-Every variant is rewritten from one loaded model (same weights) with `api.rewrite`, runs on
-the same inputs, and is timed in interleaved repetitions (the order rotates every repetition,
-so noise from other processes hits every variant alike); we report medians and ratios. Two
-lowerings: the ExportedProgram run eagerly (ep.module(), what the `export` backend runs) and
-torch.compile (lower.inductor.compile_in_process, the in-process `inductor` backend); speedups
-are against the unmodified program of the same lowering. FLOPs come from flops.py (analytic,
-spec section 4), efficiency = speedup / FLOPs ratio. The merge share is the part of one eager
-prefill (torch.profiler) spent in the token-reduction machinery: fastmmoe::merge_tokens +
-fastmmoe::last_token_attention + fastmmoe::gather_tokens + the router chain the pass clones
-onto the pre-merge stream (wrapped in a profiler range).
+The model comes from the package's own loader (models.load_model, or Preset.build with a layer
+count or a device). The unmodified model runs as `api.compile_model(model, out=None)` builds it,
+one engine per lowering; every other variant is rewritten from the same loaded model (same weights)
+with `api.rewrite`. All run on the same inputs and are timed in interleaved repetitions (the order
+rotates every repetition, so noise from other processes hits every variant alike); we report
+medians and ratios. Two lowerings: the ExportedProgram run eagerly (ep.module(), what the `export`
+backend runs) and torch.compile (lower.compile_in_process, the in-process `inductor` backend);
+speedups are against the unmodified program of the same lowering. FLOPs come from flops.py
+(analytic, docs/fastmmoe.md section 4), efficiency = speedup / FLOPs ratio. The merge share is the
+part of one eager prefill (torch.profiler) spent in the token-reduction machinery:
+fastmmoe::merge_tokens + fastmmoe::last_token_attention + fastmmoe::gather_tokens + the router
+chain the pass clones onto the pre-merge stream (wrapped in a profiler range).
 
-Decode: after each variant's prefill, --decode-steps greedy steps through the engine's decode
-path (Engine.start_decode / Engine.decode: the unmodified one-token step program, eager or
-torch.compile'd like the prefill, over that variant's per-layer caches, shorter after merges);
+Decode: after each variant's prefill, --decode-steps greedy steps through the unmodified engine's
+decode path (Engine.start_decode / Engine.decode, what generate runs: the one-token step program,
+eager or torch.compile'd like the prefill, over that variant's per-layer caches, shorter after merges);
 the transformers row decodes with HF's DynamicCache (passed back each step, cropped back to the
 prompt between repetitions). Median ms per step and tokens/s (batch 1).
 
@@ -51,7 +53,14 @@ GPU_PRESETS = {"internvl3.5-30b-a3b-backbone": "internvl3.5-30b-a3b",
 
 
 def parse_args(argv=None, prog=None):
+    """The bench's arguments, checked and with their defaults filled in."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return finish_args(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's flags, on its own parser or on the `fastmmoe-compile bench` subparser."""
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: real-size presets with random bf16 weights made on the GPU")
     p.add_argument("--preset", default=None,
@@ -83,7 +92,10 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--out-dir", default=None,
                    help="results dir: results.json, table.md and PNG plots (plots need matplotlib); "
                         "default benchmarks/results/bench_<device>")
-    args = p.parse_args(argv)
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the parsed flags (BenchError) and fill in the defaults that depend on --device."""
     _check_args(args)
     cuda = args.device == "cuda"
     args.preset = args.preset or ("internvl3.5-30b-a3b-backbone" if cuda else "bench-qwen3-moe")
@@ -140,12 +152,10 @@ def device_of(args) -> torch.device:
 
 
 def build(preset: str, layers: int | None, device: torch.device):
-    """The preset's model: fp32 on cpu; on cuda random bf16 weights made directly on the GPU."""
-    from transformers import AutoModelForCausalLM
-
-    from fastmmoe_compile.models import load_model
+    """The preset's model, built by the package (models.load_model / Preset.build): fp32 on cpu;
+    on cuda random bf16 weights made directly on the GPU. `layers` overrides num_hidden_layers."""
+    from fastmmoe_compile.models import FAMILIES, load_model
     from fastmmoe_compile.models.presets import PRESETS
-    from fastmmoe_compile.models.registry import FAMILIES, LoadedModel
 
     p = PRESETS.get(preset)
     if p is None or p.model_type not in FAMILIES:
@@ -156,15 +166,30 @@ def build(preset: str, layers: int | None, device: torch.device):
         raise BenchError(f"{preset} is real-size: it runs with --device cuda (random bf16 weights on the GPU)")
     if device.type == "cpu" and layers is None:
         return load_model(preset)
-    config = p.make_config()
-    if layers is not None:
-        config.num_hidden_layers = layers
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(p.seed)
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    name = preset if layers is None else f"{preset} ({layers} layers)"
-    return LoadedModel(lm.eval(), FAMILIES[p.model_type], name)
+    return build_preset(p, torch.bfloat16 if device.type == "cuda" else torch.float32, layers, device)
+
+
+def build_preset(p, dtype: torch.dtype, layers: int | None, device: torch.device):
+    """Preset.build with num_hidden_layers = `layers` and random weights made on `device` (real-size
+    presets included). Preset.build(dtype, num_layers=, device=) where models/presets.py has them;
+    until then the same Preset.build, on a copy of the preset whose config has the layer count and
+    that is built like a random one, under `device` as torch's default device."""
+    import dataclasses
+    import inspect
+
+    if "num_layers" in inspect.signature(p.build).parameters:
+        return p.build(dtype, num_layers=layers, device=device)
+
+    def make_config():
+        config = p.make_config()
+        if layers is not None:
+            config.num_hidden_layers = layers
+        return config
+
+    name = p.name if layers is None else f"{p.name} ({layers} layers)"
+    kind = "benchmark random" if p.on_meta else p.kind
+    with torch.device(device):
+        return dataclasses.replace(p, name=name, kind=kind, make_config=make_config).build(dtype)
 
 
 def variant_configs(args, num_layers: int) -> dict:
@@ -278,8 +303,9 @@ def merge_share(program, inputs, rows: int = 0) -> dict:
 
 
 def compile_variant(program, inputs):
-    """lower.inductor.compile_in_process, compiled here by its first call (Inductor compiles lazily)."""
-    from fastmmoe_compile.lower.inductor import compile_in_process
+    """lower.compile_in_process (what compile_model(out=None) lowers with), compiled here by its first
+    call (Inductor compiles lazily)."""
+    from fastmmoe_compile.lower import compile_in_process
 
     fn = compile_in_process(program)
     with torch.no_grad():
@@ -289,14 +315,15 @@ def compile_variant(program, inputs):
 
 # --- decode ---------------------------------------------------------------------------------
 
-def decode_engine(loaded, step):
-    """An Engine whose decode path runs `step` (the one-token program): the bench times the
-    runtime's own start_decode/decode, i.e. what generate runs."""
-    from fastmmoe_compile.runtime.engine import Engine
+def unmodified_engine(loaded, config, lowering: str, decode: bool):
+    """The unmodified model as `compile_model(..., out=None)` builds it in this process (eager
+    ExportedProgram or torch.compile): its backbone is the unmodified variant's prefill and its
+    decode path (Engine.start_decode / Engine.decode, what generate runs) decodes every variant:
+    decode tokens are text tokens, which no pass changes."""
+    from fastmmoe_compile.api import compile_model
 
-    engine = Engine(None, loaded.describe(), loaded.family.decoder(loaded.lm).embed_tokens.weight.detach())
-    engine.decode_step = step
-    return engine
+    backend = "inductor" if lowering == "compiled" else "export"
+    return compile_model(loaded, config, out=None, backend=backend, quiet=True, decode=decode)
 
 
 def engine_decoder(engine, prefill_out, seq: int, steps: int):
@@ -368,7 +395,11 @@ def decode_rep(starts: dict, steps: int, timed, rotation: int) -> tuple[dict, di
 # --- main ---------------------------------------------------------------------------------
 
 def main(argv=None, prog=None) -> dict:
-    args = parse_args(argv, prog)
+    return run(parse_args(argv, prog))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The benchmark of parse_args' (or finish_args') arguments: prints the table, returns the results."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_of(args)
@@ -390,32 +421,33 @@ def main(argv=None, prog=None) -> dict:
     inputs = (torch.randn(1, seq, loaded.config.hidden_size, generator=gen).to(device, dtype),
               torch.arange(args.prefix, args.prefix + args.vision)[None].to(device))
 
-    programs, fns, setup = {}, {}, {}
+    lowerings = ["eager"] + ([] if args.no_compile else ["compiled"])
+    programs, fns, setup, engines = {}, {}, {}, {}
+    for lowering in lowerings:  # the unmodified model as compile_model builds it: prefill and decode
+        t = time.perf_counter()
+        engines[lowering] = unmodified_engine(loaded, configs["unmodified"], lowering, decode)
+        fns[(lowering, "unmodified")] = engines[lowering].backbone
+        if lowering == "compiled":
+            with torch.no_grad():
+                engines[lowering].backbone(*inputs)  # Inductor compiles at the first call
+        setup[f"engine_{lowering}"] = {"compile_model_s": time.perf_counter() - t}
+        log(f"[bench] unmodified {lowering} engine (compile_model): {time.perf_counter() - t:.0f}s")
     for name, cfg in configs.items():
+        if name == "unmodified" and args.no_profile:
+            continue  # its program is only needed for the profile; the engines run it
         t = time.perf_counter()
         _, programs[name], _ = rewrite(loaded, cfg, cache=decode)
-        fns[("eager", name)] = programs[name].module()
         setup[name] = {"rewrite_s": time.perf_counter() - t}
-        if not args.no_compile:
-            t = time.perf_counter()
-            fns[("compiled", name)] = compile_variant(programs[name], inputs)
-            setup[name]["compile_s"] = time.perf_counter() - t
+        if name != "unmodified":
+            fns[("eager", name)] = programs[name].module()
+            if not args.no_compile:
+                t = time.perf_counter()
+                fns[("compiled", name)] = compile_variant(programs[name], inputs)
+                setup[name]["compile_s"] = time.perf_counter() - t
         log(f"[bench] {name}: " + ", ".join(f"{k} {v:.0f}s" for k, v in setup[name].items()))
 
     if not args.no_hf:  # transformers' model as users run it today: same weights, full prompt, no passes
         fns[("transformers", "unmodified")] = hf_prefill(loaded)
-
-    decode_engines = {}
-    if decode:  # one decode program for every variant: decode tokens are text tokens (plain top-K)
-        from fastmmoe_compile.export.decode import export_decode
-        from fastmmoe_compile.lower.inductor import compile_in_process
-
-        t = time.perf_counter()
-        step_program = export_decode(loaded)
-        decode_engines["eager"] = decode_engine(loaded, step_program.module())
-        if not args.no_compile:
-            decode_engines["compiled"] = decode_engine(loaded, compile_in_process(step_program))
-        setup["decode_step"] = {"export_s": time.perf_counter() - t}
 
     reports = {name: flops.analytic_flops(loaded, None if name == "unmodified" else cfg, args.text, args.vision)
                for name, cfg in configs.items()}
@@ -440,9 +472,8 @@ def main(argv=None, prog=None) -> dict:
 
     decode_times, decode_tokens = {}, {}
     if decode:
-        starts = {(lowering, name): engine_decoder(decode_engines[lowering], out[(lowering, name)], seq,
-                                                   args.decode_steps)
-                  for lowering, name in out if lowering in decode_engines}
+        starts = {(lowering, name): engine_decoder(engines[lowering], out[(lowering, name)], seq, args.decode_steps)
+                  for lowering, name in out if lowering in engines}
         if not args.no_hf:
             starts[("transformers", "unmodified")] = hf_decoder(loaded, inputs[0], args.decode_steps)
         t = time.perf_counter()  # warm-up: torch.compile compiles (and recompiles per cache layout) here

@@ -1,6 +1,6 @@
 """fastmmoe-compile: the command line.
 
-    fastmmoe-compile MODEL --out ENGINE [config flags]   compile MODEL into an engine directory
+    fastmmoe-compile [compile] MODEL --out ENGINE [flags] compile MODEL into an engine directory
     fastmmoe-compile diff MODEL [config flags]            show what the passes change in the graph
     fastmmoe-compile flops MODEL [config flags]           FLOPs per layer, baseline vs FastMMoE (no weights needed)
     fastmmoe-compile presets                              list the built-in models
@@ -9,7 +9,13 @@
     fastmmoe-compile bench [--device cuda] [flags]        prefill latency and decode tokens/s, all methods side by side
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
---merge-layers 5,8,12, ...).
+--merge-layers 5,8,12, ...). The commands are argparse subcommands; `compile` is implied when the
+first word is not one (so `fastmmoe-compile MODEL --out DIR` is `fastmmoe-compile compile MODEL --out DIR`).
+
+Exit code 2 with one line "fastmmoe-compile: error: ..." is for bad input only: the error classes
+the package raises for what a user typed or pointed at (_user_errors), and the ValueErrors /
+NotImplementedErrors raised on purpose for bad input at the sites in _INPUT_ERROR_SITES. Anything
+else is a bug and ends in a traceback.
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ import threading
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
 
-SUBCOMMANDS = ("diff", "flops", "presets", "inspect", "run", "bench")
+SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench")
+# The --backend choices of compile (to be read from the backend table).
+BACKEND_CHOICES = ("inductor", "export", "onnx", "tensorrt")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
                               "(instead of --keep-ratio)"}
@@ -34,9 +43,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("fastmmoe", "fastv"), default="fastmmoe",
                         help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio)")
     parser.add_argument("--preset", choices=sorted(CONFIG_PRESETS), default=None,
-                        help="the authors' settings for a model (spec section 3); explicit flags override")
+                        help="the authors' settings for a model (docs/fastmmoe.md section 3); explicit flags override")
     parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
-    group = parser.add_argument_group("FastMMoE configuration (defaults: spec section 3)")
+    group = parser.add_argument_group("FastMMoE configuration (defaults: docs/fastmmoe.md section 3)")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         if f.name in _LIST_HELP:
@@ -105,6 +114,10 @@ def _fastmmoe_config(typed: dict, preset: str | None) -> FastMMoEConfig:
     return c
 
 
+class CliError(ValueError):
+    """Bad command-line input that the CLI itself finds (an empty --prompt, a negative count)."""
+
+
 def _dtype(name: str | None):
     import torch
 
@@ -113,34 +126,79 @@ def _dtype(name: str | None):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _compile_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    """The command line: one subparser per command (`fastmmoe-compile -h` lists them)."""
+    top = argparse.ArgumentParser(
         prog="fastmmoe-compile",
-        description="Compile a Hugging Face MoE model with FastMMoE into an engine directory. "
-                    f"Other commands: {', '.join(SUBCOMMANDS)} (fastmmoe-compile COMMAND -h).",
+        description="Compile a Hugging Face MoE model with FastMMoE (arXiv 2511.17885) into an engine directory, "
+                    "and inspect, run and benchmark engines. `fastmmoe-compile MODEL --out DIR` is short for "
+                    "`fastmmoe-compile compile MODEL --out DIR`.",
+        epilog="fastmmoe-compile COMMAND -h: the flags of one command.",
     )
+    from . import __version__
+
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("compile", prog="fastmmoe-compile",  # the bare MODEL --out form reads as before
+                       help="compile MODEL into an engine directory (the default command)",
+                       description="Compile a Hugging Face MoE model with FastMMoE into an engine directory.")
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
     p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
-    p.add_argument("--backend", choices=("inductor", "export", "onnx", "tensorrt"), default="inductor",
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="inductor",
                    help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly; "
                         "onnx: an ONNX model run by ONNX Runtime (the onnx extra); tensorrt: not built yet")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weights dtype (default: the checkpoint's; float32 for random presets)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-decode", action="store_true",
                    help="prefill only: skip the decode program (faster compile; generate is then unavailable)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_config_flags(p)
-    return p
 
-
-def _diff_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastmmoe-compile diff",
-                                description="Print what the FastMMoE passes change in the exported graph, per layer.")
+    p = sub.add_parser("diff", help="show what the passes change in the exported graph, per layer",
+                       description="Print what the FastMMoE passes change in the exported graph, per layer.")
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None)
     _add_config_flags(p)
-    return p
+
+    p = sub.add_parser("flops", help="analytic prefill FLOPs per layer, baseline vs the configuration (no weights)",
+                       description="Analytic prefill FLOPs (docs/fastmmoe.md section 4), baseline vs the "
+                                   "configuration.")
+    p.add_argument("model", help="a checkpoint dir, hub id or preset (real-size presets build on the meta device)")
+    p.add_argument("--vision-tokens", type=int, default=1792,
+                   help="vision tokens of the prompt (default 1792: an InternVL3.5 image tiled 6+1 x 256)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the prompt (default 64)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_config_flags(p)
+
+    sub.add_parser("presets", help="list the built-in models and the authors' configurations",
+                   description="List the built-in models (MODEL arguments) and configurations (--preset).")
+
+    p = sub.add_parser("inspect", help="show an engine's manifest", description="Show an engine's manifest.")
+    p.add_argument("engine")
+
+    p = sub.add_parser("run", help="greedy answer of a VLM engine to images and a prompt",
+                       description="Greedy generation of a VLM engine from image files and a prompt.")
+    p.add_argument("engine", help="an engine directory compiled from a vision-language model")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    p.add_argument("--prompt", required=True, help='the user turn; one "<image>" where each image goes')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="prefill latency and decode tokens/s, all methods side by side",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(p)
+    return top
+
+
+def _with_command(argv: list[str]) -> list[str]:
+    """argv with the implicit `compile` made explicit: the bare `MODEL --out DIR` form."""
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        return ["compile", *argv]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,79 +234,115 @@ def _sigterm_unwinds():
             signal.signal(signal.SIGTERM, old)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The package's error classes for bad input (what the user typed, or the files it names)."""
+    from .bench import BenchError
+    from .lower.onnx import OnnxUnavailableError
+    from .models import UnsupportedModelError
+    from .runtime import EngineFormatError
+    from .runtime.generate import DecodeUnavailableError
+    from .runtime.inputs import EngineInputError
+
+    return (ConfigError, CliError, BenchError, EngineFormatError, EngineInputError, UnsupportedModelError,
+            DecodeUnavailableError, OnnxUnavailableError, FileExistsError, FileNotFoundError, PermissionError)
+
+
+# Plain ValueError / NotImplementedError raised on purpose for bad input, by (module, function) of the
+# raise. Each should become a dedicated error class (then it moves to _user_errors); until then an
+# error of these types raised anywhere else is a bug, and gets its traceback.
+_INPUT_ERROR_SITES = {
+    ("fastmmoe_compile.models.registry", "check_model_name"),  # unknown preset (did you mean ...?)
+    ("fastmmoe_compile.api", "compile_model"),  # backend 'tensorrt' not built yet; unknown backend
+    ("fastmmoe_compile.api", "_compile"),  # a meta-device (shape-only) preset cannot become an engine
+    ("fastmmoe_compile.lower.onnx", "export_onnx"),  # onnx: unsupported weights dtype, complex rotary
+    ("fastmmoe_compile.export.dispatch", "check_experts_module"),  # unsupported experts layout
+    ("fastmmoe_compile.export.decode", "attention_modules"),  # decoder layers without .self_attn
+    ("fastmmoe_compile.transformers_compat", "_cache_keyword_of"),  # an untested transformers release
+    ("fastmmoe_compile.models.vlm", "chat_prompt"),  # the tokenizer has no chat template
+    ("fastmmoe_compile.models.deepseek_vl2", "__init__"),  # not / an unsupported DeepSeek-VL2 config
+    ("fastmmoe_compile.models.deepseek_vl2", "from_official"),  # weights not in the official layout
+    ("fastmmoe_compile.models.deepseek_vl2", "load_checkpoint"),  # weights do not match the config
+}
+
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, _user_errors()):
+        return True
+    if not isinstance(e, (ValueError, NotImplementedError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    return (frame.f_globals.get("__name__"), frame.f_code.co_name) in _INPUT_ERROR_SITES
+
+
 def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _with_command(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_usage(sys.stderr)
+        print("fastmmoe-compile: error: a command or MODEL --out DIR is required (fastmmoe-compile -h)",
+              file=sys.stderr)
+        return 2
     try:
-        if argv and argv[0] == "presets":
-            return _presets()
-        if argv and argv[0] == "inspect":
-            p = argparse.ArgumentParser(prog="fastmmoe-compile inspect", description="Show an engine's manifest.")
-            p.add_argument("engine")
-            from .api import describe_engine
-
-            print(describe_engine(p.parse_args(argv[1:]).engine))
-            return 0
-        if argv and argv[0] == "flops":
-            return _flops(argv[1:])
-        if argv and argv[0] == "run":
-            return _run(argv[1:])
-        if argv and argv[0] == "bench":
-            from .bench import main as bench
-
-            bench(argv[1:], prog="fastmmoe-compile bench")
-            return 0
-        if argv and argv[0] == "diff":
-            args = _diff_parser().parse_args(argv[1:])
-            from .api import rewrite
-
-            _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype))
-            sys.stdout.write(record.graph_diff)
-            return 0
-        args = _compile_parser().parse_args(argv)
-        from .api import compile_model
-
-        config = _config_from(args)
-        with _sigterm_unwinds():
-            compile_model(args.model, config, args.out, backend=args.backend, dtype=_dtype(args.dtype),
-                          overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
-        return 0
-    except (ConfigError, FileExistsError, FileNotFoundError, PermissionError, ValueError, NotImplementedError) as e:
+        return _COMMANDS[args.command](args)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"fastmmoe-compile: error: {_as_flags(str(e)) if isinstance(e, ConfigError) else e}", file=sys.stderr)
         return 2
-    except Exception as e:  # an engine-format or model error: say it in one line
-        from .models import UnsupportedModelError
-        from .runtime import EngineFormatError
-
-        if isinstance(e, (EngineFormatError, UnsupportedModelError)):
-            print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
-def _run(argv) -> int:
-    p = argparse.ArgumentParser(prog="fastmmoe-compile run",
-                                description="Greedy generation of a VLM engine from image files and a prompt.")
-    p.add_argument("engine", help="an engine directory compiled from a vision-language model")
-    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
-    p.add_argument("--prompt", required=True, help='the user turn; one "<image>" where each image goes')
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, without the chat template")
-    args = p.parse_args(argv)
+def _compile(args) -> int:
+    from .api import compile_model
+
+    config = _config_from(args)
+    with _sigterm_unwinds():
+        compile_model(args.model, config, args.out, backend=args.backend, dtype=_dtype(args.dtype),
+                      overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
+    return 0
+
+
+def _diff(args) -> int:
+    from .api import rewrite
+
+    _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype))
+    sys.stdout.write(record.graph_diff)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .api import describe_engine
+
+    print(describe_engine(args.engine))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import finish_args, run
+
+    del args.command
+    run(finish_args(args))
+    return 0
+
+
+def _run(args) -> int:
     from .runtime import load_engine
     from .runtime.multimodal import stream_text
 
     if not args.prompt.strip():
-        raise ValueError('--prompt is empty: pass the question, with one "<image>" where each --image goes')
+        raise CliError('--prompt is empty: pass the question, with one "<image>" where each --image goes')
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     engine = load_engine(args.engine)
     if engine.front_end is None:
-        raise ValueError(f"{args.engine} is a text-only engine ({engine.info.get('model_type')} from "
-                         f"{engine.info.get('source')}): run takes an engine compiled from a vision-language model; "
-                         "run a text-only engine from Python (load_engine(DIR).generate(input_ids))")
+        raise CliError(f"{args.engine} is a text-only engine ({engine.info.get('model_type')} from "
+                       f"{engine.info.get('source')}): run takes an engine compiled from a vision-language model; "
+                       "run a text-only engine from Python (load_engine(DIR).generate(input_ids))")
     if engine.decode_step is None and args.max_new_tokens > 1:
-        raise ValueError(f"{args.engine} has no decode program (it was compiled with --no-decode): recompile "
-                         "the model without --no-decode to run it (or pass --max-new-tokens 1)")
+        raise CliError(f"{args.engine} has no decode program (it was compiled with --no-decode): recompile "
+                       "the model without --no-decode to run it (or pass --max-new-tokens 1)")
     pieces = stream_text(engine, args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
     first = next(pieces, "")  # the first token's text, before anything is printed
     print(first, end="", flush=True)
@@ -258,21 +352,12 @@ def _run(argv) -> int:
     return 0
 
 
-def _flops(argv) -> int:
+def _flops(args) -> int:
     import json
 
-    p = argparse.ArgumentParser(prog="fastmmoe-compile flops",
-                                description="Analytic prefill FLOPs (spec section 4), baseline vs the configuration.")
-    p.add_argument("model", help="a checkpoint dir, hub id or preset (real-size presets build on the meta device)")
-    p.add_argument("--vision-tokens", type=int, default=1792,
-                   help="vision tokens of the prompt (default 1792: an InternVL3.5 image tiled 6+1 x 256)")
-    p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the prompt (default 64)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_config_flags(p)
-    args = p.parse_args(argv)
     if args.text_tokens < 1 or args.vision_tokens < 0:
-        raise ValueError(f"--text-tokens must be >= 1 and --vision-tokens >= 0, got {args.text_tokens} and "
-                         f"{args.vision_tokens}")
+        raise CliError(f"--text-tokens must be >= 1 and --vision-tokens >= 0, got {args.text_tokens} and "
+                       f"{args.vision_tokens}")
     from .flops import analytic_flops
     from .models import load_model
     from .models.presets import PRESETS
@@ -306,7 +391,7 @@ def _flops(argv) -> int:
     return 0
 
 
-def _presets() -> int:
+def _presets(args) -> int:
     from .models.presets import PRESETS
 
     rows = [(p.name, p.model_type, p.kind, p.description) for p in PRESETS.values()]
@@ -319,6 +404,10 @@ def _presets() -> int:
     for name, values in CONFIG_PRESETS.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     return 0
+
+
+_COMMANDS = {"compile": _compile, "diff": _diff, "flops": _flops, "presets": _presets, "inspect": _inspect,
+             "run": _run, "bench": _bench}
 
 
 if __name__ == "__main__":

@@ -204,3 +204,32 @@ def test_sigterm_leaves_no_partial_engine_dir(tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "fastmmoe-compile: terminated", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_subcommands(capsys):
+    from fastmmoe_compile.cli import SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as info:
+        main(["-h"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"    {name} " in out for name in SUBCOMMANDS), out
+
+
+def test_compile_is_the_implied_command(capsys):
+    # `MODEL --out DIR` and `compile MODEL --out DIR` are one command (a mistyped preset fails before loading).
+    for argv in (["tiny-qwen3-mo", "--out", "x"], ["compile", "tiny-qwen3-mo", "--out", "x"]):
+        assert main(argv) == 2
+        assert "did you mean tiny-qwen3-moe?" in capsys.readouterr().err
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
+    # A ValueError / NotImplementedError from inside the compiler is a traceback, not exit code 2.
+    import fastmmoe_compile.api as api
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant failed")
+
+    monkeypatch.setattr(api, "rewrite", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["diff", "tiny-qwen3-moe"])
