@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 
 from . import inputs
+from .backends import load_role
 from .inputs import EngineInputError
 from .manifest import EngineFormatError
 
 # MROPE_RUNTIME_READY: prepare() feeds rope_positions / deepstack (VLMFamily hooks) to the backbone.
 
-VISION_FILE = "vision.pt2"
 PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor files, save_pretrained layout
 
 
@@ -188,10 +188,7 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
 
     check_vision_facts(path, facts, manifest.get("model") or {})
     family = VLM_FAMILIES[facts["family"]]
-    from .engine import load_checked
-
-    # The vision encoder is an AOTInductor package in inductor engines, else a torch.export archive.
-    encoder = load_checked(path, VISION_FILE, "inductor" if manifest.get("backend") == "inductor" else "export")
+    encoder = load_role(path, manifest, "vision")
     tokenizer = image_processor = None
     if (path / PROCESSOR_DIR).is_dir():
         tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)
