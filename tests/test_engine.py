@@ -111,13 +111,13 @@ def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
 
 
 def test_failed_compile_leaves_nothing_on_disk(tmp_path, monkeypatch):
-    import fastmmoe_compile.api as api
+    import fastmmoe_compile.lower.inductor as inductor
 
     def broken(program, path):
         open(path, "wb").write(b"partial")
         raise RuntimeError("lowering failed")
 
-    monkeypatch.setattr(api, "package_aoti", broken)
+    monkeypatch.setattr(inductor, "package_aoti", broken)
     with pytest.raises(RuntimeError, match="lowering failed"):
         compile_model(tiny_model("tiny-olmoe"), out=tmp_path / "engine", quiet=True)
     assert list(tmp_path.iterdir()) == []

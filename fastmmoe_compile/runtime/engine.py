@@ -116,11 +116,11 @@ class Engine:
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sample ([B, 1] ids or [B, 1, H] embeddings) -> next-token logits [B, V].
         Appends to `state` (from start_decode) in place."""
-        from .generate import DecodeUnavailableError, decode_step
+        from .generate import DecodeState, DecodeUnavailableError, decode_step
 
         if self.decode_step is None:
             raise DecodeUnavailableError(self.no_decode_message())
-        inputs_embeds = inputs.step_inputs(self, state, input_ids, inputs_embeds)
+        inputs_embeds = inputs.step_inputs(self, state, input_ids, inputs_embeds, DecodeState)
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
