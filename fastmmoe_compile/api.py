@@ -107,8 +107,7 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
 
 def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode) -> Engine:
     """An engine whose programs are built in this process by `backend` (torch.compile, ONNX Runtime, eager)."""
-    label = {"inductor": "torch.compile", "onnx": "ONNX Runtime"}.get(backend.name, backend.name)
-    with step(f"lower ({label})", quiet):
+    with step(f"lower ({backend.in_process_label})", quiet):
         fn = backend.in_process(program, "backbone")
     front_end = None
     if loaded.vision is not None:
@@ -188,4 +187,5 @@ def describe_engine(path) -> str:
     from .runtime.manifest import read_manifest
 
     m = read_manifest(path, verify_hashes=False)
-    return json.dumps({k: m[k] for k in ("backend", "model", "vision", "config", "versions") if k in m}, indent=2)
+    return json.dumps({k: m[k] for k in ("backend", "device", "dtype", "programs", "model", "vision", "config",
+                                                       "versions") if k in m}, indent=2)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch.export import ExportedProgram
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+# torch only inside the functions: backend_names() stays a cheap import for the CLI.
 
 
 def _nothing_needed() -> None:
@@ -26,7 +28,8 @@ class Backend:
     suffix: str  # the program files' extension, with its dot
     write: Callable[[ExportedProgram, Path, str], None]  # (program, file, role): one program on disk
     in_process: Callable[[ExportedProgram, str], Callable]  # (program, role) -> what the engine calls
-    lowering: str = "torch.export.save"  # progress label
+    lowering: str = "torch.export.save"  # progress label of write
+    in_process_label: str = "eager"  # progress label of in_process
     require: Callable[[], None] = _nothing_needed  # raises before any work if the backend cannot run here
     vision: str | None = None  # another backend's name for the vision role, where this one has none
 
@@ -76,6 +79,8 @@ def _compiled(program, role):
 
 
 def _export_write(program, file, role):
+    import torch
+
     torch.export.save(program, str(file))
 
 
@@ -111,8 +116,9 @@ def _tensorrt_required():
                               "CUDA GPU; use 'inductor', 'onnx' or 'export'")
 
 
-register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInductor"))
+register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInductor",
+                 in_process_label="torch.compile"))
 register(Backend("export", ".pt2", _export_write, _eager))
 register(Backend("onnx", ".onnx", _onnx_write, _onnx_in_process, lowering="torch.onnx.export",
-                 require=_onnx_required, vision="export"))  # no ONNX vision encoder yet
+                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export"))  # no ONNX vision encoder yet
 register(Backend("tensorrt", ".plan", _export_write, _eager, require=_tensorrt_required))  # a name, refused

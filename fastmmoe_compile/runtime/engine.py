@@ -1,8 +1,9 @@
 """Load an engine directory and run prefill on it.
 
-The runtime imports nothing from the compiler's upper layers: only the ops (the
-AOTInductor package calls fastmmoe::grouped_mm through its proxy executor) and the
-manifest. What the entry points accept is checked in runtime/inputs.py, what the manifest says
+The runtime imports nothing from the compiler's upper layers (pyproject.toml's import-linter
+contract): only the ops (the AOTInductor package calls fastmmoe::grouped_mm through its proxy
+executor). Each program's file and format come from the manifest's "programs" (runtime/backends.py);
+a VLM's input side from its front end (runtime/frontends/). What the entry points accept is checked in runtime/inputs.py, what the manifest says
 in check_manifest, each with one error that says what to fix.
 """
 from __future__ import annotations
