@@ -187,5 +187,5 @@ def describe_engine(path) -> str:
     from .runtime.manifest import read_manifest
 
     m = read_manifest(path, verify_hashes=False)
-    return json.dumps({k: m[k] for k in ("backend", "device", "dtype", "programs", "model", "vision", "config",
-                                                       "versions") if k in m}, indent=2)
+    keys = ("backend", "device", "dtype", "programs", "model", "vision", "config", "versions")
+    return json.dumps({k: m[k] for k in keys if k in m}, indent=2)
