@@ -31,3 +31,13 @@ def test_loading_an_engine_imports_no_compiler_layer():
             "assert not bad, bad\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=300)
+
+
+def test_every_vlm_family_has_its_front_end():
+    """An engine of each compilable VLM family loads: its adapter is its runtime front end, extended."""
+    from fastmmoe_compile.models.registry import VLM_FAMILIES
+    from fastmmoe_compile.runtime.frontends import FRONT_ENDS
+
+    assert list(FRONT_ENDS) == list(VLM_FAMILIES)
+    for name, family in VLM_FAMILIES.items():
+        assert isinstance(family, type(FRONT_ENDS[name])), name
