@@ -13,13 +13,12 @@ import torch
 from . import __version__
 from .config import FastMMoEConfig, FastVConfig
 from .export import export_backbone
-from .lower import BACKENDS, compile_in_process, package_aoti
+from .lower.backends import Backend, get_backend, vision_backend
 from .models import LoadedModel, load_model
 from .models.registry import check_model_name
 from .passes import PassRecord, apply_passes
-from .runtime.engine import BACKBONE_FILE, DECODE_FILE, EMBEDDINGS_FILE, Engine, load_engine
+from .runtime.engine import EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, check_out, write_manifest
-from .runtime.onnx_runtime import DECODE_ONNX_FILE, ONNX_FILE
 
 
 @contextlib.contextmanager
@@ -53,15 +52,7 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = N
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
     without, return an engine compiled in this process with torch.compile.
     decode=True also compiles the one-token decode step, for generate."""
-    if backend == "tensorrt":
-        raise NotImplementedError("backend 'tensorrt' is not built yet: it needs TensorRT (a tensorrt extra) and a "
-                                  "CUDA GPU; use 'inductor', 'onnx' or 'export'")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "onnx":
-        from .lower.onnx import require_onnx
-
-        require_onnx()  # before the minutes of export, not after
+    backend = get_backend(backend)  # an unknown name, or one that cannot run here: before the minutes of export
     # Say what is wrong before the minutes of loading and exporting: a mistyped model name, an
     # --out that exists and is no engine, or one that cannot be written.
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -86,46 +77,51 @@ def _users_model_kept(model_or_path):
         yield
 
 
-def _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode) -> Engine:
+def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, quiet, decode) -> Engine:
     loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
     if loaded.on_meta:
         raise ValueError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
-    info = loaded.describe()
     embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:
-        with step(f"lower ({'ONNX Runtime' if backend == 'onnx' else 'torch.compile'})", quiet):
-            fn = _in_process(program, backend)
-        engine = Engine(lambda *a: tuple(fn(*a)), info, embeddings, _manifest(loaded, config, record, backend))
-        engine.front_end = _vision_in_process(loaded, backend, quiet)
-        if decode:
-            engine.decode_step = _in_process(_export_decode(loaded, quiet), backend, decode=True)
-        return engine
+        return _in_process(loaded, program, backend, config, record, embeddings, quiet, decode)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        with step(f"lower ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
-            _write_program(program, backend, tmp, BACKBONE_FILE, ONNX_FILE)
-        _write_vision(loaded, tmp, backend, quiet)
+        programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet)}
+        if loaded.vision is not None:
+            programs["vision"] = _write_vision(loaded, tmp, backend, quiet)
         if decode:
-            step_program = _export_decode(loaded, quiet)
-            with step(f"lower decode step ({_LOWERING.get(backend, 'torch.export.save')})", quiet):
-                _write_program(step_program, backend, tmp, DECODE_FILE, DECODE_ONNX_FILE)
+            programs["decode"] = _write_program(_export_decode(loaded, quiet), backend, tmp, "decode", quiet)
+            programs["decode"]["cache"] = "prefill returns key_l, value_l per layer"
         with step("write engine", quiet):
             from safetensors.torch import save_file
 
             save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
             _as_plain_file(tmp / EMBEDDINGS_FILE)
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
-            manifest = _manifest(loaded, config, record, backend)
-            if decode:
-                manifest["decode"] = {"file": DECODE_ONNX_FILE if backend == "onnx" else DECODE_FILE,
-                                      "cache": "prefill returns key_l, value_l per layer"}
-            write_manifest(tmp, manifest)
+            manifest = _manifest(loaded, config, record, backend.name, programs, embeddings.device.type)
+            write_manifest(tmp, {**manifest, "embeddings": {"file": EMBEDDINGS_FILE}})
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
     return load_engine(out)
 
 
-_LOWERING = {"inductor": "AOTInductor", "onnx": "torch.onnx.export"}
+def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode) -> Engine:
+    """An engine whose programs are built in this process by `backend` (torch.compile, ONNX Runtime, eager)."""
+    with step(f"lower ({backend.in_process_label})", quiet):
+        fn = backend.in_process(program, "backbone")
+    front_end = None
+    if loaded.vision is not None:
+        from .export.vision import export_vision
+        from .runtime.multimodal import FrontEnd
+
+        with step("export vision encoder", quiet):
+            encoder = vision_backend(backend).in_process(export_vision(loaded), "vision")
+        v = loaded.vision
+        front_end = FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
+    step_fn = backend.in_process(_export_decode(loaded, quiet), "decode") if decode else None
+    manifest = _manifest(loaded, config, record, backend.name, None, embeddings.device.type)
+    return Engine(lambda *a: tuple(fn(*a)), loaded.describe(), embeddings, manifest,
+                  front_end=front_end, decode_step=step_fn)
 
 
 def _as_plain_file(path: Path) -> None:
@@ -143,79 +139,42 @@ def _export_decode(loaded: LoadedModel, quiet: bool):
         return export_decode(loaded)
 
 
-def _in_process(program, backend: str, decode: bool = False):
-    """A program lowered in this process, as the engine calls it (backend as compile_model's)."""
-    if backend == "onnx":
-        return _onnx_in_process(program, decode)
-    return compile_in_process(program) if backend == "inductor" else program.module()
-
-
-def _onnx_in_process(program, decode: bool = False):
-    """An ONNX Runtime session on the exported model (the files are only needed while it loads):
-    the prefill backbone, or with decode=True the decode step."""
-    import tempfile
-
-    from .lower.onnx import export_onnx
-    from .runtime.onnx_runtime import ONNX_FILE, OrtBackbone, OrtDecodeStep
-
-    with tempfile.TemporaryDirectory(prefix="fastmmoe-onnx-") as d:
-        if decode:
-            return OrtDecodeStep(export_onnx(program, Path(d) / DECODE_ONNX_FILE))
-        return OrtBackbone(export_onnx(program, Path(d) / ONNX_FILE))
-
-
-def _vision_in_process(loaded: LoadedModel, backend: str, quiet: bool):
-    """A VLM's front end (vision encoder compiled like the backbone), or None for a text model."""
-    if loaded.vision is None:
-        return None
+def _write_vision(loaded: LoadedModel, tmp: Path, backend: Backend, quiet: bool) -> dict:
+    """A VLM's vision encoder and input-processing files (processor/) into the engine dir; its programs entry."""
     from .export.vision import export_vision
-    from .runtime.multimodal import FrontEnd
+    from .runtime.multimodal import PROCESSOR_DIR
 
     with step("export vision encoder", quiet):
         program = export_vision(loaded)
-    encoder = _in_process(program, "inductor" if backend == "inductor" else "export")  # no ONNX vision encoder yet
-    v = loaded.vision
-    return FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
-
-
-def _write_vision(loaded: LoadedModel, tmp: Path, backend: str, quiet: bool) -> None:
-    """A VLM's vision encoder (vision.pt2) and input-processing files (processor/) into the engine dir."""
-    if loaded.vision is None:
-        return
-    from .export.vision import export_vision
-    from .runtime.multimodal import PROCESSOR_DIR, VISION_FILE
-
-    with step("export vision encoder", quiet):
-        program = export_vision(loaded)
-    with step(f"lower vision encoder ({'AOTInductor' if backend == 'inductor' else 'torch.export.save'})", quiet):
-        if backend == "inductor":
-            package_aoti(program, str(tmp / VISION_FILE))
-        else:
-            torch.export.save(program, str(tmp / VISION_FILE))
+    writer = vision_backend(backend)
+    entry = _write_program(program, writer, tmp, "vision", quiet)
     # The engine runs without the source checkpoint: its tokenizer, chat template and image processor come along.
     if loaded.vision.tokenizer is not None and loaded.vision.image_processor is not None:
         loaded.vision.tokenizer.save_pretrained(str(tmp / PROCESSOR_DIR))
         loaded.vision.image_processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+    return entry if writer is backend else {**entry, "backend": writer.name}
 
 
-def _write_program(program, backend: str, tmp: Path, pt2_name: str, onnx_name: str) -> None:
-    """One program into the engine dir, in the backend's format."""
-    if backend == "inductor":
-        package_aoti(program, str(tmp / pt2_name))
-    elif backend == "onnx":
-        from .lower.onnx import export_onnx
-
-        export_onnx(program, tmp / onnx_name)
-    else:
-        torch.export.save(program, str(tmp / pt2_name))
+def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool) -> dict:
+    """One program into the engine dir, in the backend's format; its manifest["programs"] entry."""
+    name = backend.file(role)
+    with step(f"lower {'' if role == 'backbone' else role + ' '}({backend.lowering})", quiet):
+        backend.write(program, tmp / name, role)
+    return {"file": name}
 
 
-def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str) -> dict:
+def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str,
+              programs: dict | None, device: str) -> dict:
+    """What load_engine reads: backend, each role's program file, device and dtype, the model's facts."""
     import transformers
 
+    info = loaded.describe()
     return {
         "backend": backend,
-        "model": loaded.describe(),
+        **({"programs": programs} if programs is not None else {}),
+        "device": device,
+        "dtype": info["dtype"],
+        "model": info,
         "config": config.to_dict(),
         "passes": record.passes,
         **({"vision": loaded.vision.describe()} if loaded.vision is not None else {}),
@@ -228,4 +187,5 @@ def describe_engine(path) -> str:
     from .runtime.manifest import read_manifest
 
     m = read_manifest(path, verify_hashes=False)
-    return json.dumps({k: m[k] for k in ("backend", "model", "vision", "config", "versions") if k in m}, indent=2)
+    keys = ("backend", "device", "dtype", "programs", "model", "vision", "config", "versions")
+    return json.dumps({k: m[k] for k in keys if k in m}, indent=2)

@@ -188,7 +188,7 @@ def test_engine_without_decode_program(tmp_path):
     loaded = sharp_model("tiny-olmoe")
     eng = compile_model(loaded, FastMMoEConfig(), out=tmp_path / "e", backend="export", quiet=True, decode=False)
     old = load_engine(tmp_path / "e")
-    assert "decode" not in old.manifest and not (tmp_path / "e" / "decode.pt2").exists()
+    assert "decode" not in old.manifest["programs"] and not (tmp_path / "e" / "decode.pt2").exists()
     result = old.prefill(ids_of(6, 0)[None])
     assert result.logits.shape == (1, 256) and result.cache is None
     for call in (lambda: old.generate(ids_of(6, 0), max_new_tokens=4),
@@ -207,7 +207,7 @@ def test_aoti_engine_generates(tmp_path):
     model = sharp_model("tiny-qwen3-moe", layers=2)
     eng = compile_model(model, MERGE, out=tmp_path / "aoti", quiet=True)
     loaded = load_engine(tmp_path / "aoti")
-    assert loaded.manifest["decode"]["file"] == "decode.pt2" and (tmp_path / "aoti" / "decode.pt2").is_file()
+    assert loaded.manifest["programs"]["decode"]["file"] == "decode.pt2" and (tmp_path / "aoti" / "decode.pt2").is_file()
     prompts = [ids_of(26, 11), ids_of(15, 12), ids_of(2, 13)]
     vision = [torch.arange(3, 19), torch.arange(1, 9), None]
     out = loaded.generate(prompts, vision_positions=vision, max_new_tokens=NEW)

@@ -111,13 +111,13 @@ def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
 
 
 def test_failed_compile_leaves_nothing_on_disk(tmp_path, monkeypatch):
-    import fastmmoe_compile.api as api
+    import fastmmoe_compile.lower.inductor as inductor
 
     def broken(program, path):
         open(path, "wb").write(b"partial")
         raise RuntimeError("lowering failed")
 
-    monkeypatch.setattr(api, "package_aoti", broken)
+    monkeypatch.setattr(inductor, "package_aoti", broken)
     with pytest.raises(RuntimeError, match="lowering failed"):
         compile_model(tiny_model("tiny-olmoe"), out=tmp_path / "engine", quiet=True)
     assert list(tmp_path.iterdir()) == []
@@ -229,7 +229,7 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
     "backend-missing": ("text", _drop("backend"), "manifest field backend is None; expected one of inductor"),
     "backend-wrong": ("text", _set("backend", "inductor"), "backbone.pt2 does not load as an inductor program"),
     "backend-onnx-without-onnx-files": ("text", _set("backend", "onnx"),
-                                        'manifest field decode is {\'file\': \'decode.pt2\''),
+                                        "backbone.pt2 does not load as an onnx program"),
     "dtype-unknown": ("text", _set("model", "dtype", "float99"),
                       "manifest field model.dtype is 'float99'; expected one of float32, bfloat16, float16"),
     "dtype-integer": ("text", _set("model", "dtype", "int64"), "manifest field model.dtype is 'int64'"),
@@ -246,10 +246,20 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
                              "names from rope_positions, deepstack"),
     "deepstack-layers-missing": ("text", _set("model", "extra_inputs", ["deepstack"]),
                                  "manifest field model.deepstack_layers is None"),
-    "decode-file-unknown": ("text", _set("decode", {"file": "nope.pt2"}),
-                            "manifest field decode is {'file': 'nope.pt2'}; expected absent, or {\"file\": "
-                            "\"decode.pt2\"} for an export engine"),
-    "decode-not-an-object": ("text", _set("decode", "yes"), "manifest field decode is 'yes'"),
+    "decode-file-unknown": ("text", _set("programs", "decode", {"file": "nope.pt2"}),
+                            "nope.pt2 is not listed in the manifest's files, so its size and hash cannot be verified"),
+    "decode-not-an-object": ("text", _set("programs", "decode", "yes"), "manifest field programs.decode is 'yes'"),
+    "decode-backend-unknown": ("text", _set("programs", "decode", "backend", "tensorrt"),
+                               "manifest field programs.decode is {'file': 'decode.pt2', 'cache'"),
+    "programs-missing": ("text", _drop("programs"), "manifest field programs is None; expected an object with a "
+                         "backbone entry"),
+    "programs-role-unknown": ("text", _set("programs", "encoder", {"file": "backbone.pt2"}),
+                              "manifest field programs is {"),
+    "programs-without-backbone": ("text", _drop("programs", "backbone"), "manifest field programs is {'decode'"),
+    "programs-vision-without-facts": ("vlm", _drop("vision"), "manifest field programs.vision is {'file': "
+                                      "'vision.pt2'}; expected an entry exactly when"),
+    "embeddings-not-an-object": ("text", _set("embeddings", "embeddings.safetensors"),
+                                 "manifest field embeddings is 'embeddings.safetensors'"),
     "files-missing": ("text", _drop("files"), 'has no "files" table'),
     "files-not-a-table": ("text", _set("files", ["backbone.pt2"]), 'has a malformed "files" table'),
     "files-entry-without-sha256": ("text", _drop("files", "backbone.pt2", "sha256"),

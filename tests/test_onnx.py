@@ -157,7 +157,7 @@ def test_onnx_decode_step_matches_the_export_backend(onnx_decode_engine):
     import copy
 
     _, engine, reference, _ = onnx_decode_engine
-    assert engine.manifest["decode"]["file"] == "decode.onnx"
+    assert engine.manifest["programs"]["decode"]["file"] == "decode.onnx"
     ids, vision = ids_of(24, 4)[None].expand(2, -1), torch.arange(3, 19)[None].expand(2, -1)
     mine, theirs = engine.prefill(ids, vision_positions=vision), reference.prefill(ids, vision_positions=vision)
     assert [k.shape[2] for k, _ in mine.cache] == [24, 24, mine.kept_positions.shape[1]] and \
@@ -227,7 +227,7 @@ def test_onnx_engine_without_decode(onnx_engines):
     """decode=False: prefill-only (no decode.onnx, no cache outputs); generate says what to do."""
     _, _, out = onnx_engines["qwen3-topkv"]
     engine = load_engine(out)
-    assert "decode" not in engine.manifest and not (out / "decode.onnx").exists()
+    assert "decode" not in engine.manifest["programs"] and not (out / "decode.onnx").exists()
     assert engine.prefill(ids_of(6, 0)[None]).cache is None
     with pytest.raises(DecodeUnavailableError, match="no decode program"):
         engine.generate(ids_of(6, 0), max_new_tokens=4)

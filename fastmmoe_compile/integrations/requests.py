@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.vlm import PLACEHOLDER
+from ..runtime.frontends import PLACEHOLDER
 from ..runtime.multimodal import generate_text
 
 

@@ -24,9 +24,8 @@ import dataclasses
 
 import torch
 
+from ..runtime.frontends.glm4v_moe import BEGIN, END, IMAGE, Glm4vFrontEnd, vision_tables  # noqa: F401
 from . import deepseek, grid_vlm
-
-BEGIN, IMAGE, END = "<|begin_of_image|>", "<|image|>", "<|end_of_image|>"
 
 
 # --- language backbone ---------------------------------------------------------------
@@ -76,18 +75,7 @@ class Encoder(torch.nn.Module):
                            cu_seqlens=cu_seqlens).pooler_output
 
 
-def vision_tables(grid, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's grid (t, h, w) -> (grid_thw [1, 3], rotary position ids [P, 2], cu_seqlens [t + 1])."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-
-    grid_thw = torch.tensor([list(grid)], dtype=torch.long)
-    return grid_thw, get_vision_position_ids(grid_thw, merge), get_vision_cu_seqlens(grid_thw)
-
-
-class Glm4vMoeFamily(grid_vlm.GridVLMFamily):
-    model_type = "glm4v_moe"
-    image_text, image_token = f"{BEGIN}{IMAGE}{END}", IMAGE
-    max_patches = 1 << 16  # GLM-4.5V's processor: up to 60000
+class Glm4vMoeFamily(Glm4vFrontEnd, grid_vlm.GridVLMFamily):
     min_merged_tokens = 2  # the exported encoder's smallest image (GLM's processor minimum is far above)
 
     def text_causal_lm(self) -> type:
@@ -95,9 +83,6 @@ class Glm4vMoeFamily(grid_vlm.GridVLMFamily):
 
     def encoder(self, model) -> torch.nn.Module:
         return Encoder(model).eval()
-
-    def grid_inputs(self, grid, facts: dict) -> tuple:
-        return vision_tables(grid, self.merge_size(facts))
 
 
 FAMILY = Glm4vMoeFamily()

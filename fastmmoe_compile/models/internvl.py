@@ -14,10 +14,8 @@ import copy
 
 import torch
 
-from .vlm import VLMFamily, byte_level_tokenizer, chat_prompt
-
-# InternVL's special tokens (tokenizer_config of the -HF checkpoints), used when a tokenizer lacks the attributes.
-START, END, CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+from ..runtime.frontends.internvl import CONTEXT, END, START, InternVLFrontEnd
+from .vlm import VLMFamily, byte_level_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -47,8 +45,7 @@ class Encoder(torch.nn.Module):
         return self._features(pixel_values=pixel_values, return_dict=True).pooler_output
 
 
-class InternVLFamily(VLMFamily):
-    model_type = "internvl"
+class InternVLFamily(InternVLFrontEnd, VLMFamily):
 
     def text_config(self, config):
         return config.text_config
@@ -79,28 +76,6 @@ class InternVLFamily(VLMFamily):
             "tokens_per_tile": int(patches * config.downsample_ratio ** 2),
             "image_token_id": int(config.image_token_id),
         }
-
-    # --- input side --------------------------------------------------------------
-    @staticmethod
-    def tokens(tokenizer) -> tuple[str, str, str]:
-        return (getattr(tokenizer, "start_image_token", None) or START,
-                getattr(tokenizer, "end_image_token", None) or END,
-                getattr(tokenizer, "context_image_token", None) or CONTEXT)
-
-    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        return chat_prompt(tokenizer, prompt, chat, self.tokens(tokenizer)[2])
-
-    def tiles(self, image_processor, images: list) -> tuple[torch.Tensor, list[int]]:
-        out = image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-        return out["pixel_values"], [int(n) for n in out["num_patches"]]
-
-    def expand(self, tokenizer, text: str, tiles_per_image: list[int], facts: dict) -> str:
-        start, end, context = self.tokens(tokenizer)
-        parts = text.split(context)
-        if len(parts) - 1 != len(tiles_per_image):
-            raise ValueError(f"the prompt has {len(parts) - 1} image tokens for {len(tiles_per_image)} images")
-        runs = [f"{start}{context * (facts['tokens_per_tile'] * n)}{end}" for n in tiles_per_image]
-        return parts[0] + "".join(run + part for run, part in zip(runs, parts[1:]))
 
 
 FAMILY = InternVLFamily()

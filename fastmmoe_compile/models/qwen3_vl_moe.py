@@ -35,11 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime.frontends.qwen3_vl_moe import IMAGE_PAD, IMAGE_RUN, VISION_END, VISION_START, Qwen3VLFrontEnd
+from ..runtime.frontends.qwen3_vl_moe import grid_tables  # noqa: F401  (re-exported)
 from . import grid_vlm
 from .base import MoEFamily
-
-VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
-IMAGE_RUN = VISION_START + IMAGE_PAD + VISION_END
 DEEPSTACK_ATTR = "fastmmoe_deepstack_layers"  # D, copied onto the text config (the fact lives in vision_config)
 
 # Qwen3-VL's chat template, restricted to what a prompt of text and images uses.
@@ -134,29 +133,8 @@ class Encoder(torch.nn.Module):
         return out.pooler_output, torch.stack(list(out.deepstack_features))
 
 
-def grid_tables(grid, facts: dict, dtype=torch.float32) -> tuple:
-    """One image's (t, h, w) patch grid -> the encoder's grid inputs, with transformers' own helpers
-    (what Qwen3VLMoeVisionModel.forward computes from grid_thw)."""
-    from transformers.vision_utils import (
-        get_vision_cu_seqlens,
-        get_vision_interpolation_indices_and_weights,
-        get_vision_position_ids,
-    )
-
-    grid_thw = torch.tensor([list(grid)], dtype=torch.long)
-    merge = int(facts["spatial_merge_size"])
-    indices, weights = get_vision_interpolation_indices_and_weights(
-        grid_thw, num_grid_per_side=int(facts["num_grid_per_side"]), mode="bilinear", align_corners=True,
-        spatial_merge_size=merge)  # Qwen3VLMoeVisionModel's interpolation_mode / _align_corners
-    return indices, weights.to(dtype), get_vision_position_ids(grid_thw, merge), get_vision_cu_seqlens(grid_thw)
-
-
-class Qwen3VLMoeFamily(grid_vlm.GridVLMFamily):
-    model_type = "qwen3_vl_moe"
-    image_text, image_token = IMAGE_RUN, IMAGE_PAD
+class Qwen3VLMoeFamily(Qwen3VLFrontEnd, grid_vlm.GridVLMFamily):
     max_tiles = 256  # images per prepare() call (one encoder call each)
-    max_patches = 65536  # patches of one image: Qwen3-VL's processor allows 16777216 px of 16 px patches
-    output_token_dims = (0, 1)  # pooled [N, H], deepstack [D, N, H]
 
     def text_causal_lm(self) -> type:
         return text_causal_lm_class()
@@ -174,12 +152,6 @@ class Qwen3VLMoeFamily(grid_vlm.GridVLMFamily):
         v = config.vision_config
         return {**super().vision_facts(config), "num_grid_per_side": int(v.num_position_embeddings ** 0.5),
                 "deepstack_layers": len(v.deepstack_visual_indexes)}
-
-    def grid_inputs(self, grid, facts: dict) -> tuple:
-        return grid_tables(grid, facts)
-
-    def deepstack(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
-        return outputs[1]
 
 
 FAMILY = Qwen3VLMoeFamily()

@@ -4,10 +4,8 @@ A VLM adapter (one file per family, e.g. internvl.py) says where the language
 backbone and the vision tower + projector live in the HF model, and how a prompt
 and images become token ids and pixel tiles. Every pass sees only the backbone,
 as the same LoadedModel a text checkpoint gives; the vision encoder is exported
-and lowered on its own, and the input side runs in runtime/multimodal.py.
-
-Prompts mark each image's place with PLACEHOLDER, whatever the family's own token
-(InternVL's <IMG_CONTEXT>, Qwen-VL's <|image_pad|>, ...): the adapter translates.
+and lowered on its own, and the input side (prompt text, tiling, token expansion, layout) is
+the family's front end in runtime/frontends/, which each adapter subclasses.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ from typing import Any
 
 import torch
 
-PLACEHOLDER = "<image>"
+from ..runtime.frontends import PLACEHOLDER, FrontEndFamily, chat_prompt  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -34,11 +32,11 @@ class VisionParts:
                 **self.family.vision_facts(self.model.config)}
 
 
-class VLMFamily:
-    """The interface a VLM adapter implements. Methods take the HF config / processing objects,
-    never an engine: the runtime stores the facts it needs in the manifest."""
+class VLMFamily(FrontEndFamily):
+    """The interface a VLM adapter implements, beyond its front end (FrontEndFamily: the input side,
+    run by the engine). Methods take the HF config / processing objects, never an engine: the
+    runtime stores the facts it needs in the manifest."""
 
-    model_type: str  # the VLM's config.model_type, e.g. "internvl"
     max_tiles: int = 256  # bound of the vision encoder's dynamic tile count
     native: bool = True  # transformers knows model_type (else the adapter reads the checkpoint: load_checkpoint)
 
@@ -54,12 +52,6 @@ class VLMFamily:
         """Non-native families: a checkpoint dir -> (model, tokenizer or None, image processor or None)."""
         raise NotImplementedError
 
-    def load_processing(self, path) -> tuple:
-        """(tokenizer, image processor) saved in an engine's processor dir."""
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path))
-
     # --- model side --------------------------------------------------------------
     def text_config(self, config):
         raise NotImplementedError
@@ -73,45 +65,6 @@ class VLMFamily:
 
     def vision_facts(self, config) -> dict:
         """JSON facts the runtime needs: tile size, tokens_per_tile, image_token_id, ..."""
-        raise NotImplementedError
-
-    # --- input side (runs in the engine, from the files saved beside it) -----------
-    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
-        """The user's prompt, PLACEHOLDER per image, as the model's text with one image token per image."""
-        raise NotImplementedError
-
-    def tiles(self, image_processor, images: list) -> tuple:
-        """(pixel tiles [T, 3, h, w], tiles per image), plus optionally a third item: each image's layout
-        (e.g. its tile grid) for expand and arrange when the tile count alone does not say it.
-        Called once per prompt, with that prompt's images."""
-        raise NotImplementedError
-
-    def expand(self, tokenizer, text: str, layouts: list, facts: dict) -> str:
-        """Each image token -> the model's full token run for that image (layouts: tiles per image,
-        or tiles()'s third item)."""
-        raise NotImplementedError
-
-    def encode(self, encoder, pixel_values, layouts: list, facts: dict) -> list:
-        """Run the engine's compiled vision encoder on the pixel inputs of a batch (tiles()'s first
-        items, concatenated over prompts; layouts: every image's, in order) -> its outputs, a list.
-        Default: one call on all tiles."""
-        outputs = encoder(pixel_values.contiguous())
-        return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-
-    def arrange(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor:
-        """The vision encoder's outputs -> the image-token embeddings [N, H] in prompt order.
-        Default: the features [T, tokens_per_tile, H], tile by tile."""
-        features = outputs[0]
-        return features.reshape(-1, features.shape[-1])
-
-    def deepstack(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor | None:
-        """Families whose backbone takes "deepstack": the per-layer visual features [D, N, H] of the
-        image tokens, in prompt order (the runtime places them at the image-token positions)."""
-        return None
-
-    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict) -> torch.Tensor:
-        """Families whose backbone takes "rope_positions": one sample's input_ids [S] and its images'
-        layouts (none for a text-only prompt) -> its [3, S] int64 rotary positions."""
         raise NotImplementedError
 
     # --- export of the vision encoder (export/vision.py) ----------------------------------
@@ -130,23 +83,6 @@ class VLMFamily:
         import contextlib
 
         return contextlib.nullcontext()
-
-
-def chat_prompt(tokenizer, prompt: str, chat: bool, image_text: str) -> str:
-    """The user's prompt (PLACEHOLDER per image) as the model's text: through the tokenizer's chat
-    template as one user turn with image entries (chat=True), or raw with image_text per image."""
-    if not chat:
-        return prompt.replace(PLACEHOLDER, image_text)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
-    content = []
-    for i, part in enumerate(prompt.split(PLACEHOLDER)):
-        if i:
-            content.append({"type": "image"})
-        if part:
-            content.append({"type": "text", "text": part})
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def byte_level_tokenizer(specials: list[str], **kwargs):

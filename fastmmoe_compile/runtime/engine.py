@@ -1,8 +1,9 @@
 """Load an engine directory and run prefill on it.
 
-The runtime imports nothing from the compiler's upper layers: only the ops (the
-AOTInductor package calls fastmmoe::grouped_mm through its proxy executor) and the
-manifest. What the entry points accept is checked in runtime/inputs.py, what the manifest says
+The runtime imports nothing from the compiler's upper layers (pyproject.toml's import-linter
+contract): only the ops (the AOTInductor package calls fastmmoe::grouped_mm through its proxy
+executor). Each program's file and format come from the manifest's "programs" (runtime/backends.py);
+a VLM's input side from its front end (runtime/frontends/). What the entry points accept is checked in runtime/inputs.py, what the manifest says
 in check_manifest, each with one error that says what to fix.
 """
 from __future__ import annotations
@@ -17,11 +18,10 @@ import torch
 from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls)
 from . import inputs
 from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
+from .backends import load_role, loader_names
 from .manifest import EngineFormatError, read_manifest
 
-BACKBONE_FILE = "backbone.pt2"
-DECODE_FILE = "decode.pt2"  # the one-token decode step (export/decode.py), listed in the manifest's "decode"
-EMBEDDINGS_FILE = "embeddings.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"  # what compile_model names it; loading reads manifest["embeddings"]
 
 
 @dataclass
@@ -35,12 +35,12 @@ class PrefillResult:
 
 
 class Engine:
-    front_end = None  # runtime.multimodal.FrontEnd of a VLM engine: vision encoder + input processing
-    decode_step = None  # the one-token decode program (runtime/generate.py), None for engines without one
-
     def __init__(self, backbone: Callable, info: dict, embeddings: torch.Tensor | None = None,
-                 manifest: dict | None = None, path: Path | None = None):
+                 manifest: dict | None = None, path: Path | None = None, *, front_end=None,
+                 decode_step: Callable | None = None):
         self.backbone = backbone
+        self.front_end = front_end  # runtime.multimodal.FrontEnd of a VLM engine: vision encoder + input processing
+        self.decode_step = decode_step  # the one-token decode program (runtime/generate.py), None without one
         self.info = info  # model facts: hidden_size, vocab_size, dtype, ...
         self.embeddings = embeddings
         self.manifest = manifest or {}
@@ -117,11 +117,11 @@ class Engine:
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sample ([B, 1] ids or [B, 1, H] embeddings) -> next-token logits [B, V].
         Appends to `state` (from start_decode) in place."""
-        from .generate import DecodeUnavailableError, decode_step
+        from .generate import DecodeState, DecodeUnavailableError, decode_step
 
         if self.decode_step is None:
             raise DecodeUnavailableError(self.no_decode_message())
-        inputs_embeds = inputs.step_inputs(self, state, input_ids, inputs_embeds)
+        inputs_embeds = inputs.step_inputs(self, state, input_ids, inputs_embeds, DecodeState)
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
@@ -162,32 +162,23 @@ def _prompts_given(images, prompts, *tensor_inputs) -> bool:
     return True
 
 
-BACKENDS = ("inductor", "export", "onnx")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # the floating dtypes an engine's weights may have
 
 
 def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
     """Load an engine directory written by compile_model / `fastmmoe-compile MODEL --out DIR`."""
+    from .multimodal import load_front_end
+
     path = Path(path)
     manifest = read_manifest(path, verify_hashes=verify_hashes)
     check_manifest(path, manifest)
-    backend = manifest["backend"]
-    if backend == "onnx":
-        from .onnx_runtime import ONNX_FILE
-
-        backbone = load_checked(path, ONNX_FILE, backend)
-    else:
-        backbone = load_checked(path, BACKBONE_FILE, backend)
+    programs = manifest["programs"]
     embeddings = None
-    if (path / EMBEDDINGS_FILE).is_file():
-        embeddings = _load_embeddings(path, manifest["model"]["hidden_size"])
-    engine = Engine(_as_tuple(backbone), manifest["model"], embeddings, manifest, path)
-    if manifest.get("decode"):
-        engine.decode_step = load_checked(path, manifest["decode"]["file"], backend, decode=True)
-    from .multimodal import load_front_end
-
-    engine.front_end = load_front_end(path, manifest)
-    return engine
+    if manifest.get("embeddings"):
+        embeddings = _load_embeddings(path, manifest["embeddings"]["file"], manifest["model"]["hidden_size"])
+    return Engine(_as_tuple(load_role(path, manifest, "backbone")), manifest["model"], embeddings, manifest, path,
+                  front_end=load_front_end(path, manifest),
+                  decode_step=load_role(path, manifest, "decode") if "decode" in programs else None)
 
 
 def _field_error(path: Path, field: str, value, expected: str) -> EngineFormatError:
@@ -204,8 +195,8 @@ def check_manifest(path: Path, manifest: dict) -> None:
     """The fields load_engine and the runtime rely on, beyond what read_manifest checks: each one
     wrong (edited, or from an incompatible writer) is one EngineFormatError naming it and its legal values."""
     backend = manifest.get("backend")
-    if backend not in BACKENDS:
-        raise _field_error(path, "backend", backend, f"one of {', '.join(BACKENDS)}")
+    if backend not in loader_names():
+        raise _field_error(path, "backend", backend, f"one of {', '.join(loader_names())}")
     model = manifest.get("model")
     if not isinstance(model, dict):
         raise _field_error(path, "model", model, "an object with the model's facts")
@@ -223,69 +214,60 @@ def check_manifest(path: Path, manifest: dict) -> None:
                            f"a list of distinct names from {', '.join(inputs.EXTRA_INPUTS)}")
     if "deepstack" in extra and not _positive_int(model.get("deepstack_layers")):
         raise _field_error(path, "model.deepstack_layers", model.get("deepstack_layers"), "a positive int")
-    from .onnx_runtime import DECODE_ONNX_FILE, ONNX_FILE
-
-    files = manifest["files"]  # read_manifest: a dict of checked entries
-    needed = [ONNX_FILE if backend == "onnx" else BACKBONE_FILE]
-    decode = manifest.get("decode")
-    if decode is not None:
-        want = DECODE_ONNX_FILE if backend == "onnx" else DECODE_FILE
-        if not isinstance(decode, dict) or decode.get("file") != want:
-            raise _field_error(path, "decode", decode, f'absent, or {{"file": "{want}"}} for an {backend} engine')
-        needed.append(want)
+    needed = [_program_file(path, manifest, role) for role in _roles(path, manifest)]
     if manifest.get("vision") is not None:
-        from .multimodal import VISION_FILE, check_vision_facts
+        from .multimodal import check_vision_facts
 
         check_vision_facts(path, manifest["vision"], model)
-        needed.append(VISION_FILE)
-    if (path / EMBEDDINGS_FILE).is_file():
-        needed.append(EMBEDDINGS_FILE)
+    embeddings = manifest.get("embeddings")
+    if embeddings is not None:
+        if not isinstance(embeddings, dict) or not isinstance(embeddings.get("file"), str):
+            raise _field_error(path, "embeddings", embeddings, 'absent, or {"file": <a file of the engine>}')
+        needed.append(embeddings["file"])
+    files = manifest["files"]  # read_manifest: a dict of checked entries
     for name in needed:
         if name not in files:
             raise EngineFormatError(f"{path}: {name} is not listed in the manifest's files, so its size and hash "
                                     "cannot be verified (a corrupt or hand-edited manifest: recompile the model)")
 
 
-def load_checked(path: Path, file: str, backend: str, decode: bool = False) -> Callable:
-    """load_program of one listed file of the engine dir; a file that does not load as the manifest's
-    backend says is an EngineFormatError (a missing runtime package stays an ImportError)."""
-    try:
-        return load_program(path / file, backend, decode=decode)
-    except ImportError:
-        raise
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise EngineFormatError(f"{path}: {file} does not load as an {backend} program ({type(e).__name__}: "
-                                f"{reason}); the manifest's backend may be wrong, or the engine was built by "
-                                "an incompatible torch: recompile the model") from e
+ROLES = ("backbone", "decode", "vision")  # backbone always; decode and vision where compiled
 
 
-def _load_embeddings(path: Path, hidden: int) -> torch.Tensor:
+def _roles(path: Path, manifest: dict) -> list[str]:
+    """The roles the manifest's "programs" lists: a backbone, a vision encoder exactly when there are vision facts."""
+    programs = manifest.get("programs")
+    if not isinstance(programs, dict) or "backbone" not in programs or any(r not in ROLES for r in programs):
+        raise _field_error(path, "programs", programs, "an object with a backbone entry and optionally decode "
+                           "and vision ones, each {\"file\": ...}")
+    if ("vision" in programs) != (manifest.get("vision") is not None):
+        raise _field_error(path, "programs.vision", programs.get("vision"),
+                           "an entry exactly when the manifest has vision facts")
+    return list(programs)
+
+
+def _program_file(path: Path, manifest: dict, role: str) -> str:
+    entry = manifest["programs"][role]
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
+            entry.get("backend", manifest["backend"]) not in loader_names():
+        raise _field_error(path, f"programs.{role}", entry,
+                           f'{{"file": <a file of the engine>}} (and optionally "backend": one of '
+                           f'{", ".join(loader_names())})')
+    return entry["file"]
+
+
+def _load_embeddings(path: Path, file: str, hidden: int) -> torch.Tensor:
     from safetensors.torch import load_file
 
     try:
-        weight = load_file(str(path / EMBEDDINGS_FILE))["weight"]
+        weight = load_file(str(path / file))["weight"]
     except Exception as e:
-        raise EngineFormatError(f"{path}: {EMBEDDINGS_FILE} does not hold the token embeddings "
+        raise EngineFormatError(f"{path}: {file} does not hold the token embeddings "
                                 f"({type(e).__name__}: {e})") from e
     if weight.dim() != 2 or weight.shape[1] != hidden or not weight.dtype.is_floating_point:
-        raise EngineFormatError(f"{path}: {EMBEDDINGS_FILE} holds {inputs.given(weight)}, not the [vocab, {hidden}] "
+        raise EngineFormatError(f"{path}: {file} holds {inputs.given(weight)}, not the [vocab, {hidden}] "
                                 f"token embeddings that manifest field model.hidden_size = {hidden} says")
     return weight
-
-
-def load_program(file: Path, backend: str, decode: bool = False) -> Callable:
-    """One program file of an engine dir as a callable: an AOTInductor package ("inductor"), a
-    torch.export archive ("export") or an ONNX model ("onnx": the prefill backbone, or the decode step)."""
-    if backend == "inductor":
-        from torch._inductor import aoti_load_package
-
-        return aoti_load_package(str(file))
-    if backend == "export":
-        return torch.export.load(str(file)).module()
-    from .onnx_runtime import OrtBackbone, OrtDecodeStep
-
-    return OrtDecodeStep(file) if decode else OrtBackbone(file)
 
 
 def _as_tuple(fn):

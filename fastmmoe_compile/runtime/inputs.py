@@ -348,11 +348,10 @@ def _split(x, sample_dims: int, name: str) -> list:
 
 # --- decode ------------------------------------------------------------------------------------
 
-def step_inputs(engine, state, input_ids, inputs_embeds) -> torch.Tensor:
-    """decode's one token per sample: ids [B, 1] (or [B]) or embeddings [B, 1, H] -> [B, 1, H]."""
-    from .generate import DecodeState
-
-    if not isinstance(state, DecodeState):
+def step_inputs(engine, state, input_ids, inputs_embeds, state_class: type) -> torch.Tensor:
+    """decode's one token per sample: ids [B, 1] (or [B]) or embeddings [B, 1, H] -> [B, 1, H].
+    state_class: generate.DecodeState (passed in: generate imports this module, not the reverse)."""
+    if not isinstance(state, state_class):
         raise EngineInputTypeError(f"decode needs the DecodeState from engine.start_decode(prefill results), "
                                    f"got {given(state)}")
     exactly_one(input_ids, inputs_embeds)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 FORMAT = "fastmmoe-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest["programs"] names each role's file (1 had fixed names)
 MANIFEST = "manifest.json"
 # Inside a partial engine dir while it is written: who writes it, so that a later compile can
 # prove a partial left by a killed one (SIGKILL runs no cleanup) abandoned and remove it.

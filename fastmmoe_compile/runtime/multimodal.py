@@ -4,7 +4,7 @@ image features at the image-token positions, and vision_positions.
 The engine dir carries everything this needs (the compiled vision encoder, the
 tokenizer, image processor and chat template), so it runs without the source
 checkpoint. Family rules (chat template use, tiling, token expansion) come from the
-VLM adapter named in the manifest; transformers' processor classes are not used
+family's front end (runtime/frontends/) named in the manifest's vision.family; transformers' processor classes are not used
 (InternVL's needs torchvision, which the CPU torch here cannot have).
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ from typing import Callable
 import torch
 
 from . import inputs
+from .backends import load_role
+from .frontends import FRONT_ENDS, PLACEHOLDER
 from .inputs import EngineInputError
 from .manifest import EngineFormatError
 
 # MROPE_RUNTIME_READY: prepare() feeds rope_positions / deepstack (VLMFamily hooks) to the backbone.
 
-VISION_FILE = "vision.pt2"
 PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor files, save_pretrained layout
 
 
@@ -55,15 +56,13 @@ class FrontEnd:
     """The vision encoder and input processing of one engine."""
 
     def __init__(self, family, facts: dict, encoder: Callable, tokenizer, image_processor):
-        self.family = family  # models.vlm.VLMFamily
+        self.family = family  # frontends.FrontEndFamily (a compile-time adapter is one too)
         self.facts = facts  # manifest["vision"]: image_size, tokens_per_tile, image_token_id, max_tiles
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 
     def prepare(self, engine, images, prompts, chat: bool = True) -> Prepared:
-        from ..models.vlm import PLACEHOLDER
-
         if self.tokenizer is None or self.image_processor is None:
             raise EngineInputError("this engine has no tokenizer/image processor (its source, an in-memory "
                                    "model or a checkpoint without them, had none): compile a checkpoint "
@@ -157,8 +156,6 @@ def load_image(image):
 def check_vision_facts(path: Path, facts, model: dict) -> None:
     """The manifest's "vision" facts the front end relies on: a family this version runs, max_tiles
     and image_token_id (the family reads its own facts)."""
-    from ..models.registry import VLM_FAMILIES
-
     def wrong(field, value, expected):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         return EngineFormatError(f"{path}: manifest field {field} is {shown}; expected {expected} "
@@ -167,9 +164,9 @@ def check_vision_facts(path: Path, facts, model: dict) -> None:
     if not isinstance(facts, dict):
         raise wrong("vision", facts, "an object with the vision encoder's facts")
     family = facts.get("family")
-    if not isinstance(family, str) or family not in VLM_FAMILIES:
+    if not isinstance(family, str) or family not in FRONT_ENDS:
         raise EngineFormatError(f"{path}: vision family {family!r} (manifest field vision.family) is not one this "
-                                f"fastmmoe-compile runs; legal values: {', '.join(VLM_FAMILIES)}")
+                                f"fastmmoe-compile runs; legal values: {', '.join(FRONT_ENDS)}")
     max_tiles = facts.get("max_tiles")
     if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
         raise wrong("vision.max_tiles", max_tiles, "a positive int")
@@ -184,14 +181,9 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
     facts = manifest.get("vision")
     if facts is None:
         return None
-    from ..models.registry import VLM_FAMILIES
-
     check_vision_facts(path, facts, manifest.get("model") or {})
-    family = VLM_FAMILIES[facts["family"]]
-    from .engine import load_checked
-
-    # The vision encoder is an AOTInductor package in inductor engines, else a torch.export archive.
-    encoder = load_checked(path, VISION_FILE, "inductor" if manifest.get("backend") == "inductor" else "export")
+    family = FRONT_ENDS[facts["family"]]
+    encoder = load_role(path, manifest, "vision")
     tokenizer = image_processor = None
     if (path / PROCESSOR_DIR).is_dir():
         tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)

@@ -1,0 +1,85 @@
+"""The front-end interface of a VLM family, and its registry."""
+from __future__ import annotations
+
+import torch
+
+# Prompts mark each image's place with PLACEHOLDER, whatever the family's own token
+# (InternVL's <IMG_CONTEXT>, Qwen-VL's <|image_pad|>, ...): the front end translates.
+PLACEHOLDER = "<image>"
+
+
+class FrontEndFamily:
+    """Images + prompt -> the backbone's inputs, for one VLM family. Methods take the processing
+    objects saved in the engine dir and the manifest's vision facts, never the HF model."""
+
+    model_type: str  # the VLM's config.model_type, the manifest's vision.family
+
+    def load_processing(self, path) -> tuple:
+        """(tokenizer, image processor) saved in an engine's processor dir."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path))
+
+    def prompt_text(self, tokenizer, prompt: str, chat: bool) -> str:
+        """The user's prompt, PLACEHOLDER per image, as the model's text with one image token per image."""
+        raise NotImplementedError
+
+    def tiles(self, image_processor, images: list) -> tuple:
+        """(pixel tiles [T, 3, h, w], tiles per image), plus optionally a third item: each image's layout
+        (e.g. its tile grid) for expand and arrange when the tile count alone does not say it.
+        Called once per prompt, with that prompt's images."""
+        raise NotImplementedError
+
+    def expand(self, tokenizer, text: str, layouts: list, facts: dict) -> str:
+        """Each image token -> the model's full token run for that image (layouts: tiles per image,
+        or tiles()'s third item)."""
+        raise NotImplementedError
+
+    def encode(self, encoder, pixel_values, layouts: list, facts: dict) -> list:
+        """Run the engine's compiled vision encoder on the pixel inputs of a batch (tiles()'s first
+        items, concatenated over prompts; layouts: every image's, in order) -> its outputs, a list.
+        Default: one call on all tiles."""
+        outputs = encoder(pixel_values.contiguous())
+        return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+    def arrange(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor:
+        """The vision encoder's outputs -> the image-token embeddings [N, H] in prompt order.
+        Default: the features [T, tokens_per_tile, H], tile by tile."""
+        features = outputs[0]
+        return features.reshape(-1, features.shape[-1])
+
+    def deepstack(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor | None:
+        """Families whose backbone takes "deepstack": the per-layer visual features [D, N, H] of the
+        image tokens, in prompt order (the runtime places them at the image-token positions)."""
+        return None
+
+    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict) -> torch.Tensor:
+        """Families whose backbone takes "rope_positions": one sample's input_ids [S] and its images'
+        layouts (none for a text-only prompt) -> its [3, S] int64 rotary positions."""
+        raise NotImplementedError
+
+
+FRONT_ENDS: dict[str, FrontEndFamily] = {}
+
+
+def register(family: FrontEndFamily) -> FrontEndFamily:
+    """Run engines whose manifest says vision.family == family.model_type with `family`."""
+    FRONT_ENDS[family.model_type] = family
+    return family
+
+
+def chat_prompt(tokenizer, prompt: str, chat: bool, image_text: str) -> str:
+    """The user's prompt (PLACEHOLDER per image) as the model's text: through the tokenizer's chat
+    template as one user turn with image entries (chat=True), or raw with image_text per image."""
+    if not chat:
+        return prompt.replace(PLACEHOLDER, image_text)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
+    content = []
+    for i, part in enumerate(prompt.split(PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if part:
+            content.append({"type": "text", "text": part})
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
