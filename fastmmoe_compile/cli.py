@@ -27,10 +27,9 @@ import sys
 import threading
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
+from .lower.backends import backend_names
 
 SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench")
-# The --backend choices of compile (to be read from the backend table).
-BACKEND_CHOICES = ("inductor", "export", "onnx", "tensorrt")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
@@ -145,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compile a Hugging Face MoE model with FastMMoE into an engine directory.")
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
     p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="inductor",
+    p.add_argument("--backend", choices=backend_names(), default="inductor",
                    help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly; "
                         "onnx: an ONNX model run by ONNX Runtime (the onnx extra); tensorrt: not built yet")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
