@@ -1,6 +1,6 @@
-"""The pure math of FastMMoE (spec sections 1 and 2): no graphs, no models.
+"""The pure math of FastMMoE (docs/fastmmoe.md sections 1 and 2): no graphs, no models.
 
-Every graph op and pass calls these functions, so the spec's arithmetic lives in
+Every graph op and pass calls these functions, so docs/fastmmoe.md's arithmetic lives in
 one place. Tensor functions here are plain aten-traceable torch code: they run
 eagerly as op implementations and are traced as the ops' decompositions.
 """
@@ -29,10 +29,10 @@ def stage_ratios(keep_ratio: float, num_stages: int, explicit: tuple[float, ...]
 
 
 def keep_top_experts(weights: torch.Tensor, ids: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the kv highest-weight experts of each row's top-K selection (spec section 1).
+    """Keep the kv highest-weight experts of each row's top-K selection (docs/fastmmoe.md section 1).
 
     Kept weights are rescaled by sum(K weights) / sum(kept weights). That one rule is
-    every case of the spec: where the model normalises its top-K weights (their sum is
+    every case of docs/fastmmoe.md: where the model normalises its top-K weights (their sum is
     1, times any routed_scaling_factor) the kept ones are renormalised; where it does
     not, the kept mass equals the original mass. The scaling factor cancels in the ratio.
     """
@@ -115,7 +115,7 @@ def vision_after_stage(num_vision, ratio_q: int):
     Inductor cannot generate code for Min/Max size expressions, so the graph's sizes
     use this form, exact for 0 <= N <= MAX_VISION_TOKENS (ints and SymInts alike):
       A = floor(N*P/Q) is T whenever floor(N r) >= 1, and A <= N - 1 for N >= 1, r < 1;
-      the spec's max(1, .) adds 1 exactly when 1 <= N <= N0, N0 = floor((Q-1)/P);
+      docs/fastmmoe.md's max(1, .) adds 1 exactly when 1 <= N <= N0, N0 = floor((Q-1)/P);
       [N >= k] = (N + NMAX) // (NMAX + k) for 0 <= N <= NMAX and 1 <= k.
     r = 1 (P = Q) gives N0 = 0, so the result is N: the stage keeps everything."""
     a = (num_vision * ratio_q) // RATIO_SCALE
@@ -125,7 +125,7 @@ def vision_after_stage(num_vision, ratio_q: int):
 
 
 def combine_scores(redundancy: torch.Tensor, attention: torch.Tensor, strategy: str, alpha: float) -> torch.Tensor:
-    """Spec 2.3: a window's merge score from its routing redundancy and its (normalised) attention."""
+    """docs/fastmmoe.md 2.6: a window's merge score from its routing redundancy and its (normalised) attention."""
     if strategy == "hybrid":
         return alpha * redundancy - (1 - alpha) * attention
     if strategy == "routing":
@@ -166,7 +166,7 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dims: list[int]) -> torch
 
 def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, window: int, alpha: float,
                 strategy: str, method: str):
-    """One merge/prune stage (spec 2.1-2.9) for every sample at once: the kernel of
+    """One merge/prune stage (docs/fastmmoe.md 2.1-2.9) for every sample at once: the kernel of
     fastmmoe::merge_tokens on every backend (eager, Inductor, and ONNX, which decomposes the op
     into this function). hidden [B, S, H]; probs [B, S, E], [B*S, E] or None (FastV: attention
     only); attn [B, S] last-token attention; vision [B, N] increasing positions ->

@@ -1,4 +1,4 @@
-"""The knobs of FastMMoE (spec sections 1 and 2), validated on construction."""
+"""The knobs of FastMMoE (docs/fastmmoe.md sections 1 and 2), validated on construction."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MergeStage:
-    """One token-reduction stage (spec 2.1-2.9): the one description of it that the passes,
+    """One token-reduction stage (docs/fastmmoe.md 2.1-2.9): the one description of it that the passes,
     the merge op and the FLOPs count all read."""
 
     layer: int
@@ -77,7 +77,7 @@ class FastMMoEConfig:
                f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
 
     def kv(self, top_k: int) -> int:
-        """Kv for a router that picks `top_k` experts (spec: max(1, floor(K * rho)))."""
+        """Kv for a router that picks `top_k` experts (docs/fastmmoe.md section 1: max(1, floor(K * rho)))."""
         from .algorithm import vision_topk
 
         return vision_topk(top_k, self.vision_expert_ratio, self.vision_topk)
@@ -118,7 +118,7 @@ class FastMMoEConfig:
 
 @dataclass(frozen=True)
 class FastVConfig:
-    """The FastV baseline (spec section 5): at `prune_layer`, keep the `keep_ratio` share of
+    """The FastV baseline (docs/fastmmoe.md section 5): at `prune_layer`, keep the `keep_ratio` share of
     vision tokens with the highest last-token attention; original positions kept."""
 
     prune_layer: int = 2
@@ -141,7 +141,7 @@ class FastVConfig:
         return {"method": "fastv", "prune_layer": self.prune_layer, "keep_ratio": self.keep_ratio}
 
 
-# The authors' settings (spec section 3), at 75 / 50 / 25 % overall vision-token retention.
+# The authors' settings (docs/fastmmoe.md section 3), at 75 / 50 / 25 % overall vision-token retention.
 CONFIG_PRESETS = {
     "internvl3.5-30b-a3b": dict(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(5, 8, 12),
                                 merge_ratio=0.025, window=3, alpha=0.5, strategy="hybrid", merge_method="mlerp"),

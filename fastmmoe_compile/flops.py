@@ -1,4 +1,4 @@
-"""FLOPs of a prefill (spec section 4): an analytic count and a count measured on the graph.
+"""FLOPs of a prefill (docs/fastmmoe.md section 4): an analytic count and a count measured on the graph.
 
 Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
 - attention projections: 2*n*in*out summed over the nn.Linear modules of the layer's
@@ -13,12 +13,12 @@ Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
 - the LM head on the last token only (the backbone returns last-position logits);
 - token reduction (routing_merge, FastV): at each stage layer the attention runs on the
   tokens before the stage and the MoE block and every later layer on those after it
-  (algorithm.vision_after_stage, the spec's T = max(1, floor(N*r)) compounding); the
+  (algorithm.vision_after_stage, docs/fastmmoe.md's T = max(1, floor(N*r)) compounding); the
   stage's own work is the `merge` part: the cloned router on the pre-stage tokens
   (2*n*H*E, FastMMoE only: FastV scores by attention alone) and the last query's score
   row (2*n*h*d_qk). The selection itself (sorts, window cosine scores, gathers) is
   elementwise work and left out like the norms.
-Norms, rotary, softmax and the elementwise work are left out (negligible, per the spec).
+Norms, rotary, softmax and the elementwise work are left out (negligible, per docs/fastmmoe.md).
 
 Everything is read from module shapes, so it works on meta-device models.
 
@@ -111,7 +111,7 @@ def _stages(config: FastMMoEConfig | FastVConfig | None) -> tuple[MergeStage, ..
 def vision_schedule(config: FastMMoEConfig | FastVConfig | None, num_layers: int,
                     num_vision: int) -> list[tuple[int, int]]:
     """Per layer (vision tokens at attention, vision tokens at the MoE block) under the
-    token-reduction stages of spec section 2 (or FastV): at stage layer l the stage runs
+    token-reduction stages of docs/fastmmoe.md section 2 (or FastV): at stage layer l the stage runs
     after attention, so layer l's attention sees N and its MoE block and every later layer
     see min(N, max(1, floor(N*r))), computed as the graph computes it
     (algorithm.vision_after_stage on the ratio in integer units)."""

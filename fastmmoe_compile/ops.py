@@ -58,7 +58,7 @@ def _(weights, ids):
 def route_pairs_topkv(
     weights: torch.Tensor, ids: torch.Tensor, vision_positions: torch.Tensor, kv: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K pairs per text token, the kv highest-weight ones per vision token (spec section 1)."""
+    """K pairs per text token, the kv highest-weight ones per vision token (docs/fastmmoe.md section 1)."""
     return tuple(t.clone() for t in algorithm.modality_pairs(weights, ids, vision_positions, kv))
 
 

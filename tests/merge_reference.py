@@ -1,4 +1,4 @@
-"""The merge stage as a per-sample loop (spec 2.1-2.9), written plainly with host-side counts:
+"""The merge stage as a per-sample loop (docs/fastmmoe.md 2.1-2.9), written plainly with host-side counts:
 the reference that algorithm.merge_stage (the loop-free kernel every backend runs) is checked
 against. It was the product's eager kernel before the loop-free form became the only one."""
 from __future__ import annotations
@@ -11,14 +11,14 @@ from fastmmoe_compile.algorithm import (
 
 
 def stage_target(num_vision: int, ratio_q: int) -> int:
-    """T = max(1, floor(N * r)) (spec 2.1), for concrete N."""
+    """T = max(1, floor(N * r)) (docs/fastmmoe.md 2.1), for concrete N."""
     return max(1, (num_vision * ratio_q) // RATIO_SCALE)
 
 
 def merged_window_count(num_vision: int, target: int, merge_ratio_q: int, window: int) -> int:
     """M = min(floor(T * merge_ratio), G - 1), never more than leaves T tokens to keep.
 
-    The last bound (N - M*(W-1) >= T) only bites at extreme merge ratios; the spec's
+    The last bound (N - M*(W-1) >= T) only bites at extreme merge ratios; docs/fastmmoe.md's
     formula alone could then ask to keep more tokens than remain.
     """
     windows = -(-num_vision // window)
@@ -27,7 +27,7 @@ def merged_window_count(num_vision: int, target: int, merge_ratio_q: int, window
 
 
 def window_scores(probs: torch.Tensor, attn: torch.Tensor, window: int, alpha: float, strategy: str):
-    """Score c_g of each window of W consecutive vision tokens (spec 2.4-2.6).
+    """Score c_g of each window of W consecutive vision tokens (docs/fastmmoe.md 2.4-2.6).
 
     probs [N, E] routing distributions, attn [N] last-token attention. Windows with
     fewer than two tokens get -inf: they are never merged."""
@@ -66,7 +66,7 @@ def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def merge_stage_loop(hidden, probs, attn, vision, *, ratio_q: int, merge_ratio_q: int, window: int, alpha: float,
                      strategy: str, method: str):
-    """One sample, one stage (spec 2.1-2.9).
+    """One sample, one stage (docs/fastmmoe.md 2.1-2.9).
 
     hidden [S, H] residual stream; probs [S, E] routing distributions; attn [S]
     last-token attention; vision [N] current vision positions (increasing).

@@ -1,9 +1,9 @@
-"""An eager reference of the FastMMoE spec, written from the spec text, independent of the product.
+"""An eager reference of docs/fastmmoe.md, written from its text, independent of the product.
 
 It patches the Hugging Face model itself (its routers' outputs, its eager experts
 loop), so it shares no code with fastmmoe_compile's graph ops or dispatch. Where the
 product rescales kept weights with one generic ratio, this reference applies the
-spec's rules case by case, from each family's own routing facts.
+docs/fastmmoe.md's rules case by case, from each family's own routing facts.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-# Spec section 1, per family: does the model normalise its top-K weights? what scaling follows?
+# docs/fastmmoe.md section 1, per family: does the model normalise its top-K weights? what scaling follows?
 def normalises(config) -> bool:
     if config.model_type == "mixtral":
         return True
@@ -49,7 +49,7 @@ def reduce_row(w: torch.Tensor, kv: int, normalise: bool, scale: float) -> torch
 
 @contextlib.contextmanager
 def eager_topkv(lm, vision_mask, reduce_from_layer: int, kv: int):
-    """Run `lm` with spec-section-1 routing for the tokens in vision_mask [B, S]
+    """Run `lm` with docs/fastmmoe.md section 1 routing for the tokens in vision_mask [B, S]
     (or a callable returning the current mask, for sequences that shrink)."""
     current_mask = vision_mask if callable(vision_mask) else (lambda: vision_mask)
     normalise, scale = normalises(lm.config), scaling(lm.config)
@@ -80,7 +80,7 @@ def eager_topkv(lm, vision_mask, reduce_from_layer: int, kv: int):
         lm.set_experts_implementation(previous_impl)
 
 
-# --- Spec section 2, from its text ----------------------------------------------------
+# --- docs/fastmmoe.md section 2, from its text ----------------------------------------------------
 
 def router_probabilities(lm, layer, normed: torch.Tensor) -> torch.Tensor:
     """The layer's routing distribution over all E experts: its own scoring function."""
@@ -154,7 +154,7 @@ def with_deepstack(h, deepstack, index: int, b: int, positions: list[int]) -> to
 
 
 def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None):
-    """The whole prefill per spec sections 1-2, one sample at a time, eager attention.
+    """The whole prefill per docs/fastmmoe.md sections 1-2, one sample at a time, eager attention.
 
     stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
     rope_positions: optional [3, B, S] multimodal rotary positions (gathered with the kept tokens).
@@ -196,7 +196,7 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_
     return torch.cat(all_logits), all_kept
 
 
-# --- Decode after a pruned prefill (design.md: each layer attends to its own cache) -----
+# --- Decode after a pruned prefill (each layer attends to its own cache) -----
 
 def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_new_tokens, rope_positions=None,
                    deepstack=None):

@@ -86,7 +86,7 @@ def stage_case(draw):
 def test_merge_stage_properties(case):
     hidden, probs, attn, vision, ratio, merge_ratio, window, strategy, method = case
     seq, n = hidden.shape[0], vision.shape[0]
-    # The kernel on one sample (a batch of 1): the spec's properties hold for it directly.
+    # The kernel on one sample (a batch of 1): docs/fastmmoe.md's properties hold for it directly.
     keep, new_hidden, new_vision = (t[0] for t in algorithm.merge_stage(
         hidden[None], probs[None], attn[None], vision[None], ratio_q=algorithm.ratio_units(ratio),
         merge_ratio_q=algorithm.ratio_units(merge_ratio), window=window, alpha=0.5, strategy=strategy,

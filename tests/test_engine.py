@@ -176,7 +176,7 @@ def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
         assert torch.equal(got.kept_positions, want.kept_positions)
         left = n
-        for _ in range(2):  # two stages at r = 0.5 ** (1/2), spec 2.1
+        for _ in range(2):  # two stages at r = 0.5 ** (1/2), docs/fastmmoe.md 2.1
             left = min(left, max(1, math.floor(left * 0.5 ** 0.5))) if left else 0
         assert got.kept_positions.shape[1] == seq - n + left
 

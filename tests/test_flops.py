@@ -1,4 +1,4 @@
-"""flops.py: the analytic count (spec section 4) agrees with the count measured on the graph."""
+"""flops.py: the analytic count (docs/fastmmoe.md section 4) agrees with the count measured on the graph."""
 from __future__ import annotations
 
 import pytest
@@ -90,7 +90,7 @@ def test_topkv_saves_only_routed_vision_flops(tiny):
             assert b.routed - f.routed == VISION * (k - kv) * per_pair
         else:
             assert b.routed == f.routed
-    # The identities of spec section 1: no vision token, or Kv == K, costs the same as the model.
+    # The identities of docs/fastmmoe.md section 1: no vision token, or Kv == K, costs the same as the model.
     assert flops.analytic_flops(tiny, TOPKV, TEXT, 0).total == flops.analytic_flops(tiny, None, TEXT, 0).total
     assert flops.analytic_flops(tiny, UNMODIFIED, TEXT, VISION).total == base.total
 

@@ -156,7 +156,7 @@ STAGE = (0.5, 0.25, 3, 0.4, "hybrid", "mlerp")
 
 
 def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
-    """Top-Kv + token merging on real image tokens with 3D positions == the spec's eager reference:
+    """Top-Kv + token merging on real image tokens with 3D positions == docs/fastmmoe.md's eager reference:
     prefill logits and kept positions, then greedy tokens after the pruned prefill."""
     prepared = merge_engine.prepare([images[1]], PROMPT)
     result = merge_engine.prefill(**prepared.backbone_inputs())

@@ -1,5 +1,5 @@
-"""Spec section 2 and the FastV baseline: against the HF model, an independent eager
-reference (tests/reference.py), and the edge cases the spec names."""
+"""docs/fastmmoe.md section 2 and the FastV baseline: against the HF model, an independent eager
+reference (tests/reference.py), and the edge cases docs/fastmmoe.md names."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Spec section 1 on every family: identities, the eager reference, and pairs actually computed."""
+"""docs/fastmmoe.md section 1 on every family: identities, the eager reference, and pairs actually computed."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -78,7 +78,7 @@ def merge_engine(loaded):
 
 
 def test_merge_engine_matches_eager_reference(merge_engine, loaded, images):
-    """Top-Kv + token merging on the real image tokens == the spec's eager reference."""
+    """Top-Kv + token merging on the real image tokens == docs/fastmmoe.md's eager reference."""
     engine = merge_engine
     prepared = engine.prepare([images[0]], PROMPT)
     result = engine.prefill(inputs_embeds=prepared.inputs_embeds, vision_positions=prepared.vision_positions)

@@ -6,7 +6,7 @@ The exported signature is the one every backend runs:
 With cache=True it also returns every layer's KV cache, flat: key_0, value_0, key_1, ...,
 each [B, heads, S_l, dim] as the layer caches it (export/decode.py).
 Vision tokens come in as positions, not a mask, so every shape in the graph is a
-function of input shapes (B, S, N) and never of data (design.md).
+function of input shapes (B, S, N) and never of data: the same graph then serves every backend.
 Families with multimodal rotary positions or deepstack features take them after these two
 (MoEFamily.extra_inputs): rope_positions [3, B, S] int64, deepstack [D, B, S, H].
 """

@@ -1,11 +1,11 @@
-"""modality_topk (spec section 1): vision tokens keep their Kv highest-weight experts.
+"""modality_topk (docs/fastmmoe.md section 1): vision tokens keep their Kv highest-weight experts.
 
 In every MoE layer >= reduce_from_layer, the router's pair list
     route_pairs(weights, ids)                         -> T*K pairs
 becomes
     route_pairs_topkv(weights, ids, vision_positions, kv) -> (T - B*N)*K + B*N*kv pairs
 and the dispatch downstream, whose cost follows its pair count, never sees the
-dropped pairs. Kept weights are rescaled per the spec (algorithm.keep_top_experts).
+dropped pairs. Kept weights are rescaled per docs/fastmmoe.md (algorithm.keep_top_experts).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""routing_merge (spec section 2) and fastv (the paper's baseline): token reduction inside the graph.
+"""routing_merge (docs/fastmmoe.md section 2) and fastv (the paper's baseline): token reduction inside the graph.
 
 At each stage's decoder layer, after self-attention and its residual add, before the
 MoE block, one fastmmoe::merge_tokens op takes
