@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.export import Dim, ExportedProgram
 
-from ..models.registry import LoadedModel
+from ..models.families import LoadedModel
 from ..transformers_compat import frozen_for_export, sdpa_attention
 from .decode import RecordingCache, attention_modules, injected_cache
 from .dispatch import owned_dispatch

@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch.export import Dim, ExportedProgram
 
-from ..models.registry import LoadedModel
+from ..models.families import LoadedModel
 from ..transformers_compat import cache_keyword, frozen_for_export, sdpa_attention
 from .dispatch import owned_dispatch
 

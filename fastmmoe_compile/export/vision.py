@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from ..models.registry import LoadedModel
+from ..models.families import LoadedModel
 from ..transformers_compat import frozen_for_export, sdpa_attention
 
 INPUT_NAMES = ("pixel_values",)

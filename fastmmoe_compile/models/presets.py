@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .registry import FAMILIES, VLM_FAMILIES, LoadedModel, load_vlm
+from .families import FAMILIES, VLM_FAMILIES, LoadedModel, load_vlm
 
 
 @dataclass(frozen=True)
