@@ -236,13 +236,14 @@ def _sigterm_unwinds():
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The package's error classes for bad input (what the user typed, or the files it names)."""
     from .bench import BenchError
+    from .lower.backends import BackendError
     from .lower.onnx import OnnxUnavailableError
     from .models import UnsupportedModelError
     from .runtime import EngineFormatError
     from .runtime.generate import DecodeUnavailableError
     from .runtime.inputs import EngineInputError
 
-    return (ConfigError, CliError, BenchError, EngineFormatError, EngineInputError, UnsupportedModelError,
+    return (ConfigError, CliError, BackendError, BenchError, EngineFormatError, EngineInputError, UnsupportedModelError,
             DecodeUnavailableError, OnnxUnavailableError, FileExistsError, FileNotFoundError, PermissionError)
 
 
@@ -251,7 +252,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # error of these types raised anywhere else is a bug, and gets its traceback.
 _INPUT_ERROR_SITES = {
     ("fastmmoe_compile.models.registry", "check_model_name"),  # unknown preset (did you mean ...?)
-    ("fastmmoe_compile.api", "compile_model"),  # backend 'tensorrt' not built yet; unknown backend
     ("fastmmoe_compile.api", "_compile"),  # a meta-device (shape-only) preset cannot become an engine
     ("fastmmoe_compile.lower.onnx", "export_onnx"),  # onnx: unsupported weights dtype, complex rotary
     ("fastmmoe_compile.export.dispatch", "check_experts_module"),  # unsupported experts layout

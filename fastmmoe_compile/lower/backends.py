@@ -51,10 +51,19 @@ def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
+class BackendError(ValueError):
+    """A backend name that is not registered, or one that cannot be used here (bad input)."""
+
+
+class BackendUnavailableError(BackendError, NotImplementedError):
+    """A registered backend that is not built yet (tensorrt)."""
+
+
 def get_backend(name) -> Backend:
-    """The registered backend `name`; ValueError naming the legal ones otherwise."""
+    """The registered backend `name`. Raises BackendError naming the legal ones otherwise, and
+    BackendUnavailableError for a backend that is not built yet."""
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+        raise BackendError(f"backend must be one of {backend_names()}, got {name!r}")
     BACKENDS[name].require()
     return BACKENDS[name]
 
@@ -112,7 +121,7 @@ def _onnx_required():
 
 
 def _tensorrt_required():
-    raise NotImplementedError("backend 'tensorrt' is not built yet: it needs TensorRT (a tensorrt extra) and a "
+    raise BackendUnavailableError("backend 'tensorrt' is not built yet: it needs TensorRT (a tensorrt extra) and a "
                               "CUDA GPU; use 'inductor', 'onnx' or 'export'")
 
 
