@@ -240,11 +240,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .lower.onnx import OnnxUnavailableError
     from .models import UnsupportedModelError
     from .runtime import EngineFormatError
+    from .runtime.frontends.base import PromptError
     from .runtime.generate import DecodeUnavailableError
     from .runtime.inputs import EngineInputError
 
     return (ConfigError, CliError, BackendError, BenchError, EngineFormatError, EngineInputError, UnsupportedModelError,
-            DecodeUnavailableError, OnnxUnavailableError, FileExistsError, FileNotFoundError, PermissionError)
+            DecodeUnavailableError, OnnxUnavailableError, PromptError, FileExistsError, FileNotFoundError, PermissionError)
 
 
 # Plain ValueError / NotImplementedError raised on purpose for bad input, by (module, function) of the
@@ -257,7 +258,6 @@ _INPUT_ERROR_SITES = {
     ("fastmmoe_compile.export.dispatch", "check_experts_module"),  # unsupported experts layout
     ("fastmmoe_compile.export.decode", "attention_modules"),  # decoder layers without .self_attn
     ("fastmmoe_compile.transformers_compat", "_cache_keyword_of"),  # an untested transformers release
-    ("fastmmoe_compile.models.vlm", "chat_prompt"),  # the tokenizer has no chat template
     ("fastmmoe_compile.models.deepseek_vl2", "__init__"),  # not / an unsupported DeepSeek-VL2 config
     ("fastmmoe_compile.models.deepseek_vl2", "from_official"),  # weights not in the official layout
     ("fastmmoe_compile.models.deepseek_vl2", "load_checkpoint"),  # weights do not match the config

@@ -68,13 +68,18 @@ def register(family: FrontEndFamily) -> FrontEndFamily:
     return family
 
 
+class PromptError(ValueError):
+    """A prompt this engine's input side cannot take (bad input)."""
+
+
 def chat_prompt(tokenizer, prompt: str, chat: bool, image_text: str) -> str:
     """The user's prompt (PLACEHOLDER per image) as the model's text: through the tokenizer's chat
     template as one user turn with image entries (chat=True), or raw with image_text per image."""
     if not chat:
         return prompt.replace(PLACEHOLDER, image_text)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; pass chat=False and a raw prompt")
+        raise PromptError("this model's tokenizer has no chat template; pass chat=False (run: --no-chat) "
+                               "and a raw prompt")
     content = []
     for i, part in enumerate(prompt.split(PLACEHOLDER)):
         if i:
