@@ -18,7 +18,7 @@ from .models import LoadedModel, load_model
 from .models.registry import check_model_name
 from .passes import PassRecord, apply_passes
 from .runtime.engine import EMBEDDINGS_FILE, Engine, load_engine
-from .runtime.manifest import atomic_directory, check_out, write_manifest
+from .runtime.manifest import atomic_directory, check_out, current_umask, write_manifest
 
 
 @contextlib.contextmanager
@@ -127,9 +127,7 @@ def _in_process(loaded, program, backend: Backend, config, record, embeddings, q
 def _as_plain_file(path: Path) -> None:
     """The mode open() would give (0666 less the umask): safetensors writes through a private
     (0600) temp file, and the engine's other files are as readable as any."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    path.chmod(0o666 & ~current_umask())
 
 
 def _export_decode(loaded: LoadedModel, quiet: bool):

@@ -16,12 +16,12 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..models.families import LoadedModel
+from ..runtime.inputs import EXTRA_INPUTS
 from ..transformers_compat import frozen_for_export, sdpa_attention
 from .decode import RecordingCache, attention_modules, injected_cache
 from .dispatch import owned_dispatch
 
-INPUT_NAMES = ("inputs_embeds", "vision_positions")
-EXTRA_INPUTS = ("rope_positions", "deepstack")  # in the order they follow INPUT_NAMES
+INPUT_NAMES = ("inputs_embeds", "vision_positions")  # then EXTRA_INPUTS (runtime/inputs.py), in that order
 
 
 class Backbone(torch.nn.Module):

@@ -126,6 +126,13 @@ def _digest(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `out`; on success it becomes `out`, on failure it vanishes."""
@@ -135,9 +142,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         (tmp / OWNER).write_text(json.dumps(_owner()))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine should be as readable as a plain mkdir
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the engine should be as readable as a plain mkdir
         yield tmp
         (tmp / OWNER).unlink()
         if out.exists() or out.is_symlink():
