@@ -5,6 +5,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
+# Under pytest-xdist (pyproject's addopts) each worker gets its share of the cores, so that two
+# workers on a 2-core machine do not each start two compute threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-mixtral",
         "tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-glm4-moe"]
 
