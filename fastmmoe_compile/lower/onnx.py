@@ -38,6 +38,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .. import algorithm, ops
+from ..errors import UnsupportedModelError, UserInputError
 
 DOMAIN = "fastmmoe"
 OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
@@ -45,8 +46,8 @@ OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-class OnnxUnavailableError(ImportError, ValueError):
-    """The onnx extra is not installed (a ValueError too, so the CLI reports it in one line)."""
+class OnnxUnavailableError(ImportError, UserInputError):
+    """The onnx extra is not installed (a UserInputError too, so the CLI reports it in one line)."""
 
 
 def require_onnx():
@@ -74,10 +75,10 @@ def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
 
     dtype = _float_dtype(program)
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
+        raise UnsupportedModelError(f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
                          f"weights, got {str(dtype).removeprefix('torch.')}")
     if any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in program.graph.nodes):
-        raise NotImplementedError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
+        raise UnsupportedModelError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
                                   "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
     output_names, axes = _names(program)
     with _quiet_loggers("torch.onnx", "onnx_ir", "onnxscript"):  # "torchvision is not installed" and the like

@@ -17,10 +17,11 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..errors import UserInputError
 from . import inputs
 
 
-class DecodeUnavailableError(RuntimeError):
+class DecodeUnavailableError(UserInputError, RuntimeError):
     """The engine has no decode program, or the prefill result carries no KV cache."""
 
 

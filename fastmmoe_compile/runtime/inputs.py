@@ -22,8 +22,9 @@ import operator
 
 import torch
 
+from ..errors import UserInputError
 
-class EngineInputError(ValueError):
+class EngineInputError(UserInputError):
     """An Engine entry point was given an argument it cannot take."""
 
 

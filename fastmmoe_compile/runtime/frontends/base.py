@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import UserInputError
+
 # Prompts mark each image's place with PLACEHOLDER, whatever the family's own token
 # (InternVL's <IMG_CONTEXT>, Qwen-VL's <|image_pad|>, ...): the front end translates.
 PLACEHOLDER = "<image>"
@@ -68,7 +70,7 @@ def register(family: FrontEndFamily) -> FrontEndFamily:
     return family
 
 
-class PromptError(ValueError):
+class PromptError(UserInputError):
     """A prompt this engine's input side cannot take (bad input)."""
 
 
