@@ -30,7 +30,7 @@ def attention_modules(loaded: LoadedModel) -> list[torch.nn.Module]:
     layers = loaded.family.decoder(loaded.lm).layers
     if not all(hasattr(layer, "self_attn") for layer in layers):
         raise UnsupportedModelError(f"{loaded.family.model_type}: decoder layers without .self_attn "
-                                  "(no KV cache support)")
+                                    "(no KV cache support)")
     return [layer.self_attn for layer in layers]
 
 

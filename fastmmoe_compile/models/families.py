@@ -57,8 +57,9 @@ class LoadedModel:
             "hidden_size": int(c.hidden_size),
             "vocab_size": int(c.vocab_size),
             "dtype": str(next(self.lm.parameters()).dtype).replace("torch.", ""),
-            **({"extra_inputs": list(self.family.extra_inputs),
-                "deepstack_layers": self.family.deepstack_layers(c)} if self.family.extra_inputs else {}),
+            **({"extra_inputs": list(self.family.extra_inputs), **self.family.input_facts(c),
+                "input_specs": [spec.to_dict() for spec in self.family.input_specs]}
+               if self.family.input_specs else {}),
         }
 
 
