@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .config import FastMMoEConfig, FastVConfig
+from .errors import ShapeOnlyModelError
 from .export import export_backbone
 from .lower.backends import Backend, get_backend, vision_backend
 from .models import LoadedModel, load_model
@@ -80,7 +81,7 @@ def _users_model_kept(model_or_path):
 def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, quiet, decode) -> Engine:
     loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
     if loaded.on_meta:
-        raise ValueError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
+        raise ShapeOnlyModelError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
     embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserInputError
+
 GROUPS = ("unmodified", "topkv", "fastmmoe", "fastv")
 KEEP_RATIOS = "0.75,0.5,0.25"
 MERGE_OPS = ("fastmmoe::merge_tokens", "fastmmoe::last_token_attention", "fastmmoe::gather_tokens")
@@ -109,7 +111,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-class BenchError(ValueError):
+class BenchError(UserInputError):
     """Bad benchmark input (unknown preset or variant, no CUDA): one line, exit code 2 from the CLI."""
 
 

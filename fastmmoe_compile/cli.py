@@ -12,10 +12,9 @@ Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...). The commands are argparse subcommands; `compile` is implied when the
 first word is not one (so `fastmmoe-compile MODEL --out DIR` is `fastmmoe-compile compile MODEL --out DIR`).
 
-Exit code 2 with one line "fastmmoe-compile: error: ..." is for bad input only: the error classes
-the package raises for what a user typed or pointed at (_user_errors), and the ValueErrors /
-NotImplementedErrors raised on purpose for bad input at the sites in _INPUT_ERROR_SITES. Anything
-else is a bug and ends in a traceback.
+Exit code 2 with one line "fastmmoe-compile: error: ..." is for bad input only: a UserInputError
+(fastmmoe_compile/errors.py: what a user typed or pointed at) or a file-system error for a path.
+Anything else is a bug and ends in a traceback.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import sys
 import threading
 
 from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
+from .errors import UserInputError
 from .lower.backends import backend_names
 
 SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench")
@@ -113,7 +113,7 @@ def _fastmmoe_config(typed: dict, preset: str | None) -> FastMMoEConfig:
     return c
 
 
-class CliError(ValueError):
+class CliError(UserInputError):
     """Bad command-line input that the CLI itself finds (an empty --prompt, a negative count)."""
 
 
@@ -233,47 +233,9 @@ def _sigterm_unwinds():
             signal.signal(signal.SIGTERM, old)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The package's error classes for bad input (what the user typed, or the files it names)."""
-    from .bench import BenchError
-    from .lower.backends import BackendError
-    from .lower.onnx import OnnxUnavailableError
-    from .models import UnsupportedModelError
-    from .runtime import EngineFormatError
-    from .runtime.frontends.base import PromptError
-    from .runtime.generate import DecodeUnavailableError
-    from .runtime.inputs import EngineInputError
-
-    return (ConfigError, CliError, BackendError, BenchError, EngineFormatError, EngineInputError, UnsupportedModelError,
-            DecodeUnavailableError, OnnxUnavailableError, PromptError, FileExistsError, FileNotFoundError, PermissionError)
-
-
-# Plain ValueError / NotImplementedError raised on purpose for bad input, by (module, function) of the
-# raise. Each should become a dedicated error class (then it moves to _user_errors); until then an
-# error of these types raised anywhere else is a bug, and gets its traceback.
-_INPUT_ERROR_SITES = {
-    ("fastmmoe_compile.models.registry", "check_model_name"),  # unknown preset (did you mean ...?)
-    ("fastmmoe_compile.api", "_compile"),  # a meta-device (shape-only) preset cannot become an engine
-    ("fastmmoe_compile.lower.onnx", "export_onnx"),  # onnx: unsupported weights dtype, complex rotary
-    ("fastmmoe_compile.export.dispatch", "check_experts_module"),  # unsupported experts layout
-    ("fastmmoe_compile.export.decode", "attention_modules"),  # decoder layers without .self_attn
-    ("fastmmoe_compile.transformers_compat", "_cache_keyword_of"),  # an untested transformers release
-    ("fastmmoe_compile.models.deepseek_vl2", "__init__"),  # not / an unsupported DeepSeek-VL2 config
-    ("fastmmoe_compile.models.deepseek_vl2", "from_official"),  # weights not in the official layout
-    ("fastmmoe_compile.models.deepseek_vl2", "load_checkpoint"),  # weights do not match the config
-}
-
-
-def _is_user_error(e: BaseException) -> bool:
-    if isinstance(e, _user_errors()):
-        return True
-    if not isinstance(e, (ValueError, NotImplementedError)) or e.__traceback__ is None:
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    frame = tb.tb_frame
-    return (frame.f_globals.get("__name__"), frame.f_code.co_name) in _INPUT_ERROR_SITES
+# Bad input: the package's UserInputError classes (errors.py: what the user typed, or the model and
+# files it names) and the OS's for paths. Anything else (a plain ValueError included) is a bug.
+_USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError, PermissionError)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -287,7 +249,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except Exception as e:
-        if not _is_user_error(e):
+        if not isinstance(e, _USER_ERRORS):
             raise
         print(f"fastmmoe-compile: error: {_as_flags(str(e)) if isinstance(e, ConfigError) else e}", file=sys.stderr)
         return 2

@@ -8,8 +8,7 @@ STRATEGIES = ("hybrid", "routing", "attention")
 MERGE_METHODS = ("mlerp", "mean")
 
 
-class ConfigError(ValueError):
-    """A FastMMoEConfig value is out of range or does not fit the model."""
+from .errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError is its public name)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import inspect
 
 import torch
 
+from .errors import UnsupportedModelError
+
 # The transformers releases the whole suite passed on (README: "Tested versions").
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 
@@ -37,7 +39,7 @@ def _cache_keyword_of(forward) -> str:
     for name in _CACHE_KEYWORDS:
         if name in params:
             return name
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"{getattr(forward, '__qualname__', forward)} takes no KV cache under any of {_CACHE_KEYWORDS}: "
         "this transformers release is not supported (README: tested versions)")
 

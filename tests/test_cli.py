@@ -50,6 +50,8 @@ BAD_INPUT = [
      "--method fastv takes --fastv-layer and --keep-ratio only, not --window"),
     (TINY + ["--method", "fastv", "--preset", "internvl3.5-30b-a3b"], "only, not --preset"),
     (["flops", "tiny-qwen3-moe", "--fastv-layer", "3"], "--fastv-layer needs --method fastv"),
+    (["diff", "tiny-deepseek-v2", "--merge-layers", "0", "--keep-ratio", "0.5"],
+     "merge layer 0 has no routed-MoE router (a dense layer?)"),
     (["bench", "--no-decode", "--decode-steps", "3"], "--decode-steps and --no-decode"),
     (["bench", "--variants", "topkv", "--fastv-layer", "3"], "--fastv-layer needs fastv variants"),
     (["bench", "--variants", "fastv", "--config-preset", "deepseek-vl2-small"],
@@ -233,3 +235,23 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
     monkeypatch.setattr(api, "rewrite", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["diff", "tiny-qwen3-moe"])
+
+
+def test_bad_input_is_told_by_its_class():
+    # The CLI's exit 2 rests on the error's class alone (errors.py), whatever function raised it;
+    # the classes stay what callers caught before (ValueError, NotImplementedError, RuntimeError).
+    from fastmmoe_compile import errors
+    from fastmmoe_compile.lower.backends import BackendUnavailableError
+    from fastmmoe_compile.passes.token_reduction import MergeLayerError, TokenReductionError
+    from fastmmoe_compile.runtime import EngineFormatError
+    from fastmmoe_compile.runtime.generate import DecodeUnavailableError
+
+    assert issubclass(errors.UnsupportedModelError, (errors.UserInputError, NotImplementedError))
+    assert issubclass(MergeLayerError, errors.ConfigError) and issubclass(MergeLayerError, TokenReductionError)
+    for cls in (errors.ConfigError, errors.UnknownModelError, errors.ShapeOnlyModelError, BackendUnavailableError,
+                EngineFormatError, DecodeUnavailableError):
+        assert issubclass(cls, errors.UserInputError) and issubclass(cls, ValueError), cls
+    assert issubclass(EngineFormatError, RuntimeError) and issubclass(DecodeUnavailableError, RuntimeError)
+    import fastmmoe_compile.cli as cli
+
+    assert not any(hasattr(cli, name) for name in ("_INPUT_ERROR_SITES", "_is_user_error"))

@@ -20,6 +20,7 @@ import contextlib
 import torch
 from torch.export import Dim, ExportedProgram
 
+from ..errors import UnsupportedModelError
 from ..models.families import LoadedModel
 from ..transformers_compat import cache_keyword, frozen_for_export, sdpa_attention
 from .dispatch import owned_dispatch
@@ -28,8 +29,8 @@ from .dispatch import owned_dispatch
 def attention_modules(loaded: LoadedModel) -> list[torch.nn.Module]:
     layers = loaded.family.decoder(loaded.lm).layers
     if not all(hasattr(layer, "self_attn") for layer in layers):
-        raise NotImplementedError(f"{loaded.family.model_type}: decoder layers without .self_attn "
-                                  "(no KV cache support)")
+        raise UnsupportedModelError(f"{loaded.family.model_type}: decoder layers without .self_attn "
+                                    "(no KV cache support)")
     return [layer.self_attn for layer in layers]
 
 

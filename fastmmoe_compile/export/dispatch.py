@@ -14,6 +14,7 @@ import types
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fastmmoe)
+from ..errors import UnsupportedModelError
 
 
 def run_experts(x, token, expert, weight, gate_up, down, apply_gate, num_experts: int):
@@ -58,7 +59,7 @@ def check_experts_module(module: torch.nn.Module) -> None:
     if getattr(module, "is_concatenated", True) is False:
         problems.append("interleaved gate/up layout")
     if problems:
-        raise NotImplementedError(f"{type(module).__name__}: unsupported experts layout ({', '.join(problems)})")
+        raise UnsupportedModelError(f"{type(module).__name__}: unsupported experts layout ({', '.join(problems)})")
 
 
 @contextlib.contextmanager

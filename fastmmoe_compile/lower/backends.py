@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..errors import UserInputError
+
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
@@ -51,7 +53,7 @@ def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
-class BackendError(ValueError):
+class BackendError(UserInputError):
     """A backend name that is not registered, or one that cannot be used here (bad input)."""
 
 

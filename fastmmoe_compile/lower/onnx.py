@@ -38,6 +38,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .. import algorithm, ops
+from ..errors import UnsupportedModelError, UserInputError
 
 DOMAIN = "fastmmoe"
 OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
@@ -45,8 +46,8 @@ OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-class OnnxUnavailableError(ImportError, ValueError):
-    """The onnx extra is not installed (a ValueError too, so the CLI reports it in one line)."""
+class OnnxUnavailableError(ImportError, UserInputError):
+    """The onnx extra is not installed (a UserInputError too, so the CLI reports it in one line)."""
 
 
 def require_onnx():
@@ -74,11 +75,12 @@ def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
 
     dtype = _float_dtype(program)
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
-                         f"weights, got {str(dtype).removeprefix('torch.')}")
+        raise UnsupportedModelError(
+            f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
+            f"weights, got {str(dtype).removeprefix('torch.')}")
     if any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in program.graph.nodes):
-        raise NotImplementedError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
-                                  "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
+        raise UnsupportedModelError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
+                                    "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
     output_names, axes = _names(program)
     with _quiet_loggers("torch.onnx", "onnx_ir", "onnxscript"):  # "torchvision is not installed" and the like
         onnx_program = torch.onnx.export(_decompose(program), dynamo=True, custom_translation_table=_translations(),
@@ -104,9 +106,15 @@ def _names(program: ExportedProgram) -> tuple[list[str] | None, dict[str, dict[i
     outputs = len(program.graph_signature.user_outputs)
     caches = [f"{kind}_{i}" for i in range((outputs - 2) // 2) for kind in ("key", "value")]
     if inputs[:2] == ["inputs_embeds", "vision_positions"] and outputs % 2 == 0:  # export/capture.py's Backbone
+        # The family's extra inputs (runtime/specs.py) after these two: each axis that is the batch or
+        # the sequence of inputs_embeds (the same symbol) is named so.
+        shapes = {n.name: n.meta["val"].shape for n in program.graph.nodes
+                  if n.op == "placeholder" and n.name in inputs}
+        named = {str(shapes["inputs_embeds"][0]): "batch", str(shapes["inputs_embeds"][1]): "sequence"}
         axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "vision_positions": {0: "batch", 1: "vision"},
-                "rope_positions": {1: "batch", 2: "sequence"}, "deepstack": {1: "batch", 2: "sequence"}}
-        return ["logits", "kept_positions", *caches], {name: axes[name] for name in inputs}
+                **{name: {i: named[str(d)] for i, d in enumerate(shapes[name]) if str(d) in named}
+                   for name in inputs[2:]}}
+        return ["logits", "kept_positions", *caches], axes
     if inputs[:2] == ["inputs_embeds", "position_ids"] and outputs % 2 == 1:  # export/decode.py's DecodeStep
         layers = (outputs - 1) // 2
         axes = {"inputs_embeds": {0: "batch"}, **{f"keys_{i}": {0: f"cache_{i}"} for i in range(layers)}}

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from ..runtime.specs import InputSpec
+
 # Decoder-layer index in a module path, e.g. "lm.model.layers.7.mlp.gate".
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -22,11 +24,17 @@ class MoEFamily:
     tiny_config: Callable[[], object]  # a small random config of this family, for tests and presets
     experts_attr: str = "num_experts"  # the config attribute that holds E
     shared_experts: str = "none"  # shared-expert structure, in words
-    # Inputs the exported prefill backbone takes after (inputs_embeds, vision_positions), in this order:
-    #   "rope_positions" [3, B, S] int64: multimodal rotary positions (temporal, height, width; Qwen3-VL, GLM-4.5V)
-    #   "deepstack" [D, B, S, H]: visual features added to the residual stream after decoder layers 0..D-1,
-    #       zero at text positions (Qwen3-VL). Sequence-indexed, so a merge gathers them like any other.
-    extra_inputs: tuple[str, ...] = ()
+    # The inputs the exported prefill backbone takes after (inputs_embeds, vision_positions), in this
+    # order: one runtime.specs.InputSpec each (shape, dtype, absent value, decode rule), written into
+    # the manifest. Export, lowering and the runtime read them; only the family knows what they mean.
+    input_specs: tuple[InputSpec, ...] = ()
+    # (input name, the HF decoder's keyword for it) where they differ, e.g. 3D rotary positions -> position_ids.
+    decoder_keywords: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The names of input_specs, in order."""
+        return tuple(spec.name for spec in self.input_specs)
 
     # --- facts read off a config -------------------------------------------------
     def num_experts(self, config) -> int:
@@ -38,23 +46,28 @@ class MoEFamily:
     def num_layers(self, config) -> int:
         return int(config.num_hidden_layers)
 
-    def deepstack_layers(self, config) -> int:
-        """D of the "deepstack" input (0: the family takes none)."""
-        return 0
+    def input_facts(self, config) -> dict:
+        """The model facts input_specs' sizes name beyond hidden_size, {fact: int} (manifest model section)."""
+        return {}
 
     # --- where things are in a *ForCausalLM module ------------------------------
     def decoder(self, lm: torch.nn.Module) -> torch.nn.Module:
         return lm.model
 
     def run_decoder(self, lm: torch.nn.Module, inputs_embeds: torch.Tensor, position_ids=None,
-                    rope_positions=None, **decoder_kwargs) -> torch.Tensor:
+                    **extras) -> torch.Tensor:
         """The decoder's last hidden state [B, S, H]. position_ids: None (0..S-1) or [B, S] (decode).
-        rope_positions [3, B, S] (prefill of M-RoPE families): transformers' multimodal-rotary text
-        models take them as position_ids (and expand [B, S] to 3 equal rows). decoder_kwargs go to
-        the HF decoder as they are (families with more extra_inputs override this and translate)."""
-        positions = rope_positions if rope_positions is not None else position_ids
-        return self.decoder(lm)(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=False,
-                                **decoder_kwargs).last_hidden_state
+        extras: the prefill's extra inputs (input_specs) by name, and any other HF decoder keyword;
+        each goes to the HF decoder under its decoder_keywords name (e.g. M-RoPE families' 3D
+        positions [3, B, S] as position_ids: transformers' multimodal-rotary text models take them
+        there, and expand [B, S] to 3 equal rows). A None input leaves the keyword it renames to as is."""
+        kwargs = {"position_ids": position_ids}
+        rename = dict(self.decoder_keywords)
+        for name, value in extras.items():
+            key = rename.get(name, name)
+            if value is not None or key not in kwargs:
+                kwargs[key] = value
+        return self.decoder(lm)(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
 
     def moe_blocks(self, lm: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         """(layer index, MoE block) for every routed-MoE layer; dense layers are skipped."""

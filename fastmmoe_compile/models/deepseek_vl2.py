@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..runtime.frontends.deepseek_vl2 import (  # noqa: F401  (the front end's names, re-exported)
     ASSISTANT, BOS, EOS, GROUNDING, IMAGE, MODEL_TYPE, PAD, PROCESSOR_FILE, USER, DeepseekVL2FrontEnd, ImageProcessor,
     complete_tokenizer, image_tokens, layout_index, select_best_resolution,
@@ -43,7 +44,7 @@ class Config:
         from transformers import DeepseekV2Config
 
         if raw.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"not a {MODEL_TYPE} config: model_type {raw.get('model_type')!r}")
+            raise UnsupportedModelError(f"not a {MODEL_TYPE} config: model_type {raw.get('model_type')!r}")
         self.raw, self.model_type = raw, MODEL_TYPE
         v, p, lang = raw.get("vision_config", {}), raw.get("projector_config", {}), raw.get("language_config", {})
         # Defaults are the official config classes' (VisionEncoderConfig, MlpProjectorConfig).
@@ -70,12 +71,12 @@ class Config:
         }
         bad = [k for k, is_bad in unsupported.items() if is_bad]
         if bad:
-            raise ValueError(f"unsupported DeepSeek-VL2 config: {', '.join(bad)}")
+            raise UnsupportedModelError(f"unsupported DeepSeek-VL2 config: {', '.join(bad)}")
         lang = {k: v for k, v in lang.items() if k not in ("use_mla", "scoring_func", "moe_layer_freq", "model_type")}
         self.text_config = DeepseekV2Config(**lang)
         self.text_config._attn_implementation = "sdpa"
         if int(self.text_config.hidden_size) != self.n_embed:
-            raise ValueError(f"projector n_embed {self.n_embed} != language hidden_size {self.text_config.hidden_size}")
+            raise UnsupportedModelError(f"projector n_embed {self.n_embed} != language hidden_size {self.text_config.hidden_size}")
         self.image_token_id = image_token_id
 
     @property
@@ -195,7 +196,7 @@ def from_official(state: dict) -> dict:
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"unexpected weights in the checkpoint (not the official DeepSeek-VL2 layout?): {unknown[:5]}")
+        raise UnsupportedModelError(f"unexpected weights in the checkpoint (not the official DeepSeek-VL2 layout?): {unknown[:5]}")
     for prefix, projs in experts.items():
         stack = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in projs.items()}
         out[f"language.{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
@@ -287,7 +288,7 @@ class DeepseekVL2Family(DeepseekVL2FrontEnd, VLMFamily):
         missing, unexpected = model.load_state_dict(from_official(state), strict=False, assign=True)
         missing = [m for m in missing if not m.endswith("position_ids")]
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise UnsupportedModelError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if dtype is not None:
             model = model.to(dtype)
         try:

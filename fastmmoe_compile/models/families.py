@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedModelError  # noqa: F401  (re-exported: models.UnsupportedModelError)
 from . import deepseek, deepseek_vl2, internvl, mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_vl_moe
 from . import glm4v_moe
 from .base import MoEFamily
@@ -27,10 +28,6 @@ FAMILIES: dict[str, MoEFamily] = {
 VLM_FAMILIES: dict[str, VLMFamily] = {
     f.model_type: f for f in (internvl.FAMILY, deepseek_vl2.FAMILY, qwen3_vl_moe.FAMILY, glm4v_moe.FAMILY)
 }
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not a routed-MoE family this compiler knows."""
 
 
 @dataclass
@@ -60,8 +57,9 @@ class LoadedModel:
             "hidden_size": int(c.hidden_size),
             "vocab_size": int(c.vocab_size),
             "dtype": str(next(self.lm.parameters()).dtype).replace("torch.", ""),
-            **({"extra_inputs": list(self.family.extra_inputs),
-                "deepstack_layers": self.family.deepstack_layers(c)} if self.family.extra_inputs else {}),
+            **({"extra_inputs": list(self.family.extra_inputs), **self.family.input_facts(c),
+                "input_specs": [spec.to_dict() for spec in self.family.input_specs]}
+               if self.family.input_specs else {}),
         }
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import torch
 
 from ..runtime.frontends.glm4v_moe import BEGIN, END, IMAGE, Glm4vFrontEnd, vision_tables  # noqa: F401
+from ..runtime.frontends.glm4v_moe import INPUT_SPECS, ROPE_POSITIONS
 from . import deepseek, grid_vlm
 
 
@@ -53,7 +54,7 @@ def tiny_text_config():
 
 # GLM-4.5's routing facts (one place: deepseek.py), plus the 3D rotary positions as a prefill input.
 TEXT_FAMILY = dataclasses.replace(deepseek._sigmoid_routed("glm4v_moe_text", tiny_text_config),
-                                  extra_inputs=("rope_positions",))
+                                  input_specs=INPUT_SPECS, decoder_keywords=((ROPE_POSITIONS.name, "position_ids"),))
 
 
 # --- vision encoder --------------------------------------------------------------------

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.frontends.qwen3_vl_moe import IMAGE_PAD, IMAGE_RUN, VISION_END, VISION_START, Qwen3VLFrontEnd
+from ..runtime.frontends.qwen3_vl_moe import IMAGE_PAD, IMAGE_RUN, INPUT_SPECS, ROPE_POSITIONS, VISION_END, VISION_START
+from ..runtime.frontends.qwen3_vl_moe import Qwen3VLFrontEnd
 from ..runtime.frontends.qwen3_vl_moe import grid_tables  # noqa: F401  (re-exported)
 from . import grid_vlm
 from .base import MoEFamily
@@ -101,11 +102,14 @@ class Qwen3VLMoeTextFamily(MoEFamily):
     def deepstack_layers(self, config) -> int:
         return int(getattr(config, DEEPSTACK_ATTR, 0))
 
+    def input_facts(self, config) -> dict:
+        return {"deepstack_layers": self.deepstack_layers(config)}  # D of DEEPSTACK's sizes
+
     def run_decoder(self, lm, inputs_embeds, position_ids=None, rope_positions=None, deepstack=None):
         if deepstack is None:  # decode steps, text-only calls
-            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions)
+            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions=rope_positions)
         with additive_deepstack(self.decoder(lm)):  # HF adds deepstack[l] after layer l for l < len(deepstack)
-            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions,
+            return super().run_decoder(lm, inputs_embeds, position_ids, rope_positions=rope_positions,
                                        visual_pos_masks=None, deepstack_visual_embeds=deepstack)
 
 
@@ -113,7 +117,8 @@ TEXT_FAMILY = Qwen3VLMoeTextFamily(
     model_type="qwen3_vl_moe_text",
     routing="softmax -> top-k (sorted) -> always renormalise",
     tiny_config=text_tiny_config,
-    extra_inputs=("rope_positions", "deepstack"),
+    input_specs=INPUT_SPECS,  # rope_positions [3, B, S], deepstack [D, B, S, H] (runtime/frontends/qwen3_vl_moe.py)
+    decoder_keywords=((ROPE_POSITIONS.name, "position_ids"),),
 )
 
 

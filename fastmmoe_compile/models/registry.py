@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..errors import UnknownModelError
 from .families import (  # noqa: F401  (re-exported: the rest of the package names them from here)
     FAMILIES, VLM_FAMILIES, LoadedModel, UnsupportedModelError, family_for, load_vlm,
 )
@@ -59,7 +60,7 @@ def check_model_name(name: str) -> None:
     if "/" not in name:
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ValueError(f"unknown preset {name!r}; {hint}(fastmmoe-compile presets lists them; "
+        raise UnknownModelError(f"unknown preset {name!r}; {hint}(fastmmoe-compile presets lists them; "
                          "a hub model is org/name, a checkpoint a directory)")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.export import ExportedProgram
 
-from ..config import MergeStage
+from ..config import ConfigError, MergeStage
 from ..models.base import layer_of
 from .base import GraphPass, PassResult, finish, insert_call, insert_copies, module_path, vision_input
 from .routers import find_routers
@@ -29,7 +29,12 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 class TokenReductionError(RuntimeError):
-    pass
+    """The graph lacks what a stage rewrites (its attention, residual add or router)."""
+
+
+class MergeLayerError(ConfigError, TokenReductionError):
+    """A merge layer the model cannot merge at: a dense layer, with no router to score tokens by
+    (bad configuration, not a compiler bug)."""
 
 
 class TokenReduction(GraphPass):
@@ -90,7 +95,7 @@ def locate_anchors(graph: torch.fx.Graph, stage: MergeStage) -> Anchors:
         return Anchors(sdpa, residual, None)
     site = next((s for s in find_routers(graph) if s.layer == stage.layer), None)
     if site is None or site.scores is None:
-        raise TokenReductionError(
+        raise MergeLayerError(
             f"merge layer {stage.layer} has no routed-MoE router (a dense layer?); choose an MoE layer")
     return Anchors(sdpa, residual, site.scores)
 

@@ -20,6 +20,7 @@ from . import inputs
 from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
 from .backends import load_role, loader_names
 from .manifest import EngineFormatError, read_manifest
+from .specs import InputSpecError, known_names, known_spec, specs_of
 
 EMBEDDINGS_FILE = "embeddings.safetensors"  # what compile_model names it; loading reads manifest["embeddings"]
 
@@ -45,6 +46,7 @@ class Engine:
         self.embeddings = embeddings
         self.manifest = manifest or {}
         self.path = path
+        self.input_specs = specs_of(info)  # the backbone's extra inputs after the vision positions (runtime/specs.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,15 +70,15 @@ class Engine:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None,
-                vision_positions: torch.Tensor | None = None, rope_positions: torch.Tensor | None = None,
-                deepstack: torch.Tensor | None = None, images=None, prompts=None,
-                chat: bool = True) -> PrefillResult:
+                vision_positions: torch.Tensor | None = None, images=None, prompts=None,
+                chat: bool = True, **extra_inputs) -> PrefillResult:
         """Run the prompt. Vision tokens are marked by a [B, S] bool mask or given as [B, N] positions.
-        Engines of families with multimodal rotary positions / deepstack features also take
-        rope_positions [3, B, S] (default: 0..S-1 on all three) and deepstack [D, B, S, H] (default 0).
+        Engines whose family declares extra backbone inputs (engine.input_specs, runtime/specs.py)
+        take them by name, each of its spec's shape (e.g. Qwen3-VL's 3D rotary positions [3, B, S]),
+        or give it its absent value (plain positions 0..S-1, or zeros).
         VLM engines also take prompts= (and images=), see prepare()."""
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_mask, vision_positions,
-                          rope_positions, deepstack):
+                          *extra_inputs.values()):
             prepared = self.prepare(images, prompts, chat=chat)
             if not prepared.batched:
                 raise EngineInputError(f"the prompts tokenize to different shapes (lengths "
@@ -84,17 +86,16 @@ class Engine:
                                        "shape; use generate_text / engine.generate, which batch them, or prefill "
                                        "them one at a time")
             inputs_embeds, vision_positions = prepared.inputs_embeds, prepared.vision_positions
-            rope_positions, deepstack = prepared.rope_positions, prepared.deepstack
+            extra_inputs = prepared.extras
         inputs_embeds, positions, extras = inputs.batch_inputs(self, input_ids, inputs_embeds, vision_mask,
-                                                               vision_positions, rope_positions, deepstack)
+                                                               vision_positions, extra_inputs)
         batch, seq = inputs_embeds.shape[:2]
         logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions, *extras)
         pairs = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] if cache else None
-        names = list(self.info.get("extra_inputs", []))
-        if "rope_positions" in names:  # as HF's rope deltas: decode continues after the prompt's largest position
-            next_positions = extras[names.index("rope_positions")].amax(dim=(0, 2)) + 1
-        else:
-            next_positions = torch.full((batch,), seq, dtype=torch.long)
+        # Decode continues at S, or where an input holds the rotary positions after their largest (HF's rope deltas).
+        next_positions = next((n for spec, value in zip(self.input_specs, extras)
+                               if (n := spec.next_positions(value)) is not None),
+                              torch.full((batch,), seq, dtype=torch.long))
         return PrefillResult(logits, kept, pairs, seq, next_positions)
 
     def no_decode_message(self) -> str:
@@ -125,12 +126,13 @@ class Engine:
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-                 rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None,
-                 stream: bool = False, images=None, prompts=None, chat: bool = True):
+                 max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, images=None, prompts=None,
+                 chat: bool = True, **extra_inputs):
         """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
         embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
-        engines that take them, rope_positions ([3, B, S] or [3, S] each) and deepstack ([D, B, S, H]
-        or [D, S, H] each). Samples of equal shapes share one prefill call; all share each decode step.
+        engines that take extra inputs (engine.input_specs), each by name as a batch of its spec's
+        shape or a list of per-sample tensors (the shape without B). Samples of equal shapes share
+        one prefill call; all share each decode step.
         Returns each sample's new tokens (1-D LongTensors, ending at eos), or with stream=True an
         iterator yielding, per step, a list of each sample's new token (None once it has ended).
 
@@ -141,7 +143,7 @@ class Engine:
 
         max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
-                          rope_positions, deepstack, eos_token_id):
+                          eos_token_id, *extra_inputs.values()):
             from .multimodal import generate_text, stream_texts
 
             if stream:
@@ -149,8 +151,8 @@ class Engine:
             return generate_text(self, images, prompts, max_new_tokens, chat)
 
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
-                        vision_mask=vision_mask, rope_positions=rope_positions, deepstack=deepstack,
-                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stream=stream)
+                        vision_mask=vision_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        stream=stream, **extra_inputs)
 
 
 def _prompts_given(images, prompts, *tensor_inputs) -> bool:
@@ -207,13 +209,7 @@ def check_manifest(path: Path, manifest: dict) -> None:
             raise _field_error(path, f"model.{name}", model.get(name), "a positive int")
     if not isinstance(model.get("model_type"), str):
         raise _field_error(path, "model.model_type", model.get("model_type"), "a string")
-    extra = model.get("extra_inputs", [])
-    if not isinstance(extra, list) or len(set(map(str, extra))) != len(extra) or \
-            any(x not in inputs.EXTRA_INPUTS for x in extra):
-        raise _field_error(path, "model.extra_inputs", extra,
-                           f"a list of distinct names from {', '.join(inputs.EXTRA_INPUTS)}")
-    if "deepstack" in extra and not _positive_int(model.get("deepstack_layers")):
-        raise _field_error(path, "model.deepstack_layers", model.get("deepstack_layers"), "a positive int")
+    _check_input_specs(path, model)
     needed = [_program_file(path, manifest, role) for role in _roles(path, manifest)]
     if manifest.get("vision") is not None:
         from .multimodal import check_vision_facts
@@ -229,6 +225,33 @@ def check_manifest(path: Path, manifest: dict) -> None:
         if name not in files:
             raise EngineFormatError(f"{path}: {name} is not listed in the manifest's files, so its size and hash "
                                     "cannot be verified (a corrupt or hand-edited manifest: recompile the model)")
+
+
+def _check_input_specs(path: Path, model: dict) -> None:
+    """model.extra_inputs (names, in order) and model.input_specs (their specs, runtime/specs.py;
+    absent in an older manifest: the names' known specs), and the model facts their shapes need."""
+    extra = model.get("extra_inputs", [])
+    if "input_specs" in model:
+        try:
+            specs = specs_of(model)
+        except InputSpecError as e:
+            raise _field_error(path, "model.input_specs", model["input_specs"], f"a list of input specs ({e})")
+        if not isinstance(extra, list) or extra != [s.name for s in specs]:
+            raise _field_error(path, "model.extra_inputs", extra, f"the names of model.input_specs, "
+                               f"{[s.name for s in specs]}")
+    else:
+        if not isinstance(extra, list) or len(set(map(str, extra))) != len(extra) or \
+                any(known_spec(x) is None for x in extra if isinstance(x, str)) or \
+                not all(isinstance(x, str) for x in extra):
+            raise _field_error(path, "model.extra_inputs", extra,
+                               f"a list of distinct names from {', '.join(known_names())}")
+        specs = specs_of(model)
+    if len({s.name for s in specs}) != len(specs):
+        raise _field_error(path, "model.extra_inputs", extra, "distinct names")
+    for spec in specs:
+        for fact in spec.facts():
+            if not _positive_int(model.get(fact)):
+                raise _field_error(path, f"model.{fact}", model.get(fact), "a positive int")
 
 
 ROLES = ("backbone", "decode", "vision")  # backbone always; decode and vision where compiled

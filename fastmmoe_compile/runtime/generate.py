@@ -17,10 +17,11 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..errors import UserInputError
 from . import inputs
 
 
-class DecodeUnavailableError(RuntimeError):
+class DecodeUnavailableError(UserInputError, RuntimeError):
     """The engine has no decode program, or the prefill result carries no KV cache."""
 
 
@@ -121,8 +122,10 @@ def prefill_samples(engine, samples, max_new_tokens: int):
     for rows in groups.values():
         names = samples[rows[0]][2].keys()
         if any(samples[i][2].keys() != names for i in rows):
-            raise inputs.EngineInputError("give rope_positions / deepstack for every sample or for none")
-        extras = {name: torch.stack([samples[i][2][name] for i in rows], dim=1) for name in names}
+            given = ", ".join(sorted({n for i in rows for n in samples[i][2]}))
+            raise inputs.EngineInputError(f"give {given} for every sample or for none")
+        axes = {spec.name: spec.batch_axis for spec in engine.input_specs}
+        extras = {name: torch.stack([samples[i][2][name] for i in rows], dim=axes[name]) for name in names}
         result = engine.prefill(inputs_embeds=torch.stack([samples[i][0] for i in rows]),
                                 vision_positions=torch.stack([samples[i][1] for i in rows]), **extras)
         for j, i in enumerate(rows):
@@ -157,13 +160,12 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[
 
 
 def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-             rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None, stream: bool = False):
+             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, **extra_inputs):
     """Engine.generate's tensor forms. Every input error is raised here, at the call (not at a
     stream's first step)."""
     max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
     inputs.token_id_set("eos_token_id", eos_token_id)
-    samples = inputs.sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask,
-                                   rope_positions, deepstack)
+    samples = inputs.sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, extra_inputs)
     if engine.embeddings is None and max_new_tokens > 1:
         raise inputs.EngineInputError("this engine was built without its token embeddings: it cannot feed "
                                       "generated tokens back")

@@ -9,7 +9,7 @@ positions are refused, not truncated).
 
 All tensor arguments go through `tensor_arg` (conversion + dtype), then their shape checks:
 - batch_inputs: prefill's batched form ([B, S] ids or [B, S, H] embeddings, [B, S] vision_mask
-  or [B, N] vision_positions, rope_positions [3, B, S], deepstack [D, B, S, H]);
+  or [B, N] vision_positions, and the extra inputs of the engine's InputSpecs, runtime/specs.py);
 - sample_inputs: generate's forms (a batch, one sample, or a list of samples of different
   lengths, each with its own vision tokens and extras);
 - step_inputs: decode's one token per sample; prefill_results / positive_int / token_id_set:
@@ -22,16 +22,16 @@ import operator
 
 import torch
 
+from ..errors import UserInputError
+from .specs import known_spec
 
-class EngineInputError(ValueError):
+
+class EngineInputError(UserInputError):
     """An Engine entry point was given an argument it cannot take."""
 
 
 class EngineInputTypeError(EngineInputError, TypeError):
     """An argument of the wrong dtype or Python type."""
-
-
-EXTRA_INPUTS = ("rope_positions", "deepstack")  # the backbone inputs some families add (MoEFamily.extra_inputs)
 
 
 def _a(kind: str) -> str:
@@ -142,9 +142,9 @@ def embeddings(engine, name: str, x, shape: str, dims: int) -> torch.Tensor:
     return x
 
 
-def batch_inputs(engine, input_ids, inputs_embeds, vision_mask, vision_positions, rope_positions, deepstack):
+def batch_inputs(engine, input_ids, inputs_embeds, vision_mask, vision_positions, given_extras: dict):
     """prefill's inputs -> (inputs_embeds [B, S, H], vision positions [B, N] int64, the backbone's
-    extra inputs). input_ids may also be one sample [S]."""
+    extra inputs). input_ids may also be one sample [S]; given_extras: {name: value} as passed."""
     exactly_one(input_ids, inputs_embeds)
     hidden = engine.info["hidden_size"]
     if input_ids is not None:
@@ -158,7 +158,7 @@ def batch_inputs(engine, input_ids, inputs_embeds, vision_mask, vision_positions
     if seq < 2:
         raise EngineInputError(f"the prompt must have at least 2 tokens, got S = {seq}")
     positions = vision_positions_of(batch, seq, vision_mask, vision_positions)
-    extras = extra_inputs(engine, batch, seq, rope_positions, deepstack)
+    extras = extra_inputs(engine, batch, seq, given_extras)
     return inputs_embeds, positions, extras
 
 
@@ -196,48 +196,38 @@ def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torc
     return positions.contiguous()
 
 
-def _extra_spec(engine, name: str, batch: int | None, seq: int) -> tuple[tuple, str, str]:
-    """(shape, its names, dtype kind) of an extra input; batch None: one sample's (no B dim)."""
-    hidden, layers = engine.info["hidden_size"], int(engine.info.get("deepstack_layers", 0))
-    if name == "rope_positions":
-        return ((3, batch, seq), "[3, B, S]", "integer") if batch is not None else ((3, seq), "[3, S]", "integer")
-    return (((layers, batch, seq, hidden), "[D, B, S, H]", "floating-point") if batch is not None
-            else ((layers, seq, hidden), "[D, S, H]", "floating-point"))
-
-
 def _refuse_unknown_extras(engine, given_extras: dict) -> None:
-    names = engine.info.get("extra_inputs", [])
+    names = [spec.name for spec in engine.input_specs]
     for name, value in given_extras.items():
-        if value is not None and name not in names:
+        if name not in names:
             takes = ", ".join(["inputs_embeds", "vision_positions", *names])
-            raise EngineInputError(f"this {engine.info.get('model_type')} engine takes no {name} "
-                                   f"(its backbone inputs: {takes})")
+            # Another family's input is a wrong value here; a name no family declares, a wrong keyword.
+            error = EngineInputError if known_spec(name) is not None else EngineInputTypeError
+            raise error(f"this {engine.info.get('model_type')} engine takes no {name} (its backbone inputs: {takes})")
 
 
-def extra_inputs(engine, batch: int, seq: int, rope_positions, deepstack) -> list[torch.Tensor]:
-    """The backbone's inputs after the vision positions (MoEFamily.extra_inputs), checked or defaulted."""
-    given_extras = {"rope_positions": rope_positions, "deepstack": deepstack}
-    _refuse_unknown_extras(engine, given_extras)
+def extra_inputs(engine, batch: int, seq: int, given_extras: dict) -> list[torch.Tensor]:
+    """The backbone's inputs after the vision positions (engine.input_specs), checked or defaulted."""
+    _refuse_unknown_extras(engine, {k: v for k, v in given_extras.items() if v is not None})
     out = []
-    for name in engine.info.get("extra_inputs", []):
-        shape, names, kind = _extra_spec(engine, name, batch, seq)
-        value = given_extras[name]
+    for spec in engine.input_specs:
+        shape, names = spec.shape(batch, seq, engine.info), spec.names()
+        value = given_extras.get(spec.name)
         if value is None:  # a text-only prompt: plain positions, no visual features
-            value = (torch.arange(seq).expand(3, batch, seq) if name == "rope_positions"
-                     else torch.zeros(shape, dtype=engine.dtype))
-        value = tensor_arg(name, value, kind, f"{list(shape)} ({names})")
+            value = spec.absent_value(batch, seq, engine.info, engine.dtype)
+        value = tensor_arg(spec.name, value, spec.kind, f"{list(shape)} ({names})")
         if tuple(value.shape) != shape:
-            raise EngineInputError(f"{name} must be {list(shape)} ({names}), got {given(value)}")
-        out.append(value.to(torch.long if kind == "integer" else engine.dtype).contiguous())
+            raise EngineInputError(f"{spec.name} must be {list(shape)} ({names}), got {given(value)}")
+        out.append(value.to(spec.torch_dtype(engine.dtype)).contiguous())
     return out
 
 
 # --- generate: one sample or many, of different lengths ------------------------------------
 
-def sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, rope_positions=None,
-                  deepstack=None) -> list[tuple]:
+def sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, given_extras: dict) -> list[tuple]:
     """[(embeds [S, H], vision positions [N], extras {name: per-sample tensor})] from a batch, one
-    sample, or per-sample lists (extras: rope_positions [3, S], deepstack [D, S, H] each)."""
+    sample, or per-sample lists (each extra input: a batch on its spec's B axis, or a list of
+    per-sample tensors of its shape without B)."""
     exactly_one(input_ids, inputs_embeds)
     if vision_positions is not None and vision_mask is not None:
         raise EngineInputError("pass vision_mask or vision_positions, not both")
@@ -285,13 +275,14 @@ def sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mas
                     raise EngineInputError(f"vision_positions must be [N] per sample, got {given(v)}")
                 positions = vision_positions_of(1, seq, positions=v.reshape(1, -1))
         out.append((e, positions[0], {}))
-    given_extras = {"rope_positions": rope_positions, "deepstack": deepstack}
+    given_extras = {k: v for k, v in given_extras.items() if v is not None}
     _refuse_unknown_extras(engine, given_extras)
-    for name, value in given_extras.items():
+    for spec in engine.input_specs:
+        name, value = spec.name, given_extras.get(spec.name)
         if value is None:
             continue
-        if isinstance(value, torch.Tensor):  # a batch: samples on dim 1
-            rows = list(value.unbind(1)) if value.dim() >= 2 else [value]
+        if isinstance(value, torch.Tensor):  # a batch: samples on the spec's B axis
+            rows = list(value.unbind(spec.batch_axis)) if value.dim() > spec.batch_axis else [value]
         elif isinstance(value, (list, tuple)):
             rows = list(value)
         else:
@@ -299,9 +290,9 @@ def sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mas
         if len(rows) != len(out):
             raise EngineInputError(f"{len(out)} samples but {name} for {len(rows)}")
         for i, ((e, _, extras), row) in enumerate(zip(out, rows)):
-            shape, names, kind = _extra_spec(engine, name, None, e.shape[0])
+            shape, names = spec.shape(None, e.shape[0], engine.info), spec.names(per_sample=True)
             with _sample(i, len(out)):
-                row = tensor_arg(name, row, kind, f"{list(shape)} ({names}) per sample")
+                row = tensor_arg(name, row, spec.kind, f"{list(shape)} ({names}) per sample")
                 if tuple(row.shape) != shape:
                     raise EngineInputError(f"{name} must be {list(shape)} ({names}) per sample, got {given(row)}")
             extras[name] = row

@@ -10,6 +10,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from ..errors import UserInputError
+
 FORMAT = "fastmmoe-engine"
 FORMAT_VERSION = 2  # 2: manifest["programs"] names each role's file (1 had fixed names)
 MANIFEST = "manifest.json"
@@ -18,7 +20,7 @@ MANIFEST = "manifest.json"
 OWNER = ".fastmmoe-owner.json"
 
 
-class EngineFormatError(RuntimeError):
+class EngineFormatError(UserInputError, RuntimeError):
     """The directory is not a (complete, intact, compatible) fastmmoe engine."""
 
 

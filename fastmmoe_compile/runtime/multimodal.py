@@ -10,7 +10,7 @@ family's front end (runtime/frontends/) named in the manifest's vision.family; t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +19,9 @@ import torch
 from . import inputs
 from .backends import load_role
 from .frontends import FRONT_ENDS, PLACEHOLDER
+from .frontends.base import PromptBatch
 from .inputs import EngineInputError
 from .manifest import EngineFormatError
-
-# MROPE_RUNTIME_READY: prepare() feeds rope_positions / deepstack (VLMFamily hooks) to the backbone.
 
 PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor files, save_pretrained layout
 
@@ -38,18 +37,22 @@ class Prepared:
     vision_positions: torch.Tensor | list  # [B, N]: the image-feature tokens
     pixel_values: torch.Tensor | None  # every image's pixel input (tiles [T, 3, h, w], or patches), in prompt order
     tiles_per_image: list[list[int]]  # per sample, per image
-    rope_positions: torch.Tensor | list | None = None  # [3, B, S]: engines with multimodal rotary positions
-    deepstack: torch.Tensor | list | None = None  # [D, B, S, H]: engines with deepstack features
+    extras: dict = field(default_factory=dict)  # the engine's extra backbone inputs (runtime/specs.py), by name
 
     @property
     def batched(self) -> bool:
         return isinstance(self.input_ids, torch.Tensor)
 
+    def __getattr__(self, name: str):
+        """An extra input by its name (prepared.<name>, for each of the engine's input specs)."""
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or extra input {name!r}")
+
     def backbone_inputs(self) -> dict:
         """Keyword arguments for engine.prefill / engine.generate."""
-        extras = {k: v for k, v in (("rope_positions", self.rope_positions), ("deepstack", self.deepstack))
-                  if v is not None}
-        return {"inputs_embeds": self.inputs_embeds, "vision_positions": self.vision_positions, **extras}
+        return {"inputs_embeds": self.inputs_embeds, "vision_positions": self.vision_positions, **self.extras}
 
 
 class FrontEnd:
@@ -100,37 +103,30 @@ class FrontEnd:
         inputs.prompt_token_counts(ids, prompts, chat)
         masks = [x == self.facts["image_token_id"] for x in ids]
         embeds = [engine.embed(x[None])[0] for x in ids]
-        extra = engine.info.get("extra_inputs", [])
-        features = deepstack = None
+        features, outputs = None, None
         if pixel_values is not None:
             outputs = self.family.encode(self.encoder, pixel_values.to(engine.dtype), layouts, self.facts)
             features = self.family.arrange(outputs, layouts, self.facts).to(engine.dtype)
             total = sum(int(m.sum()) for m in masks)
             if features.shape[0] != total:
                 raise ValueError(f"{total} image tokens in the prompts for {features.shape[0]} image features")
-            if "deepstack" in extra:
-                deepstack = self.family.deepstack(outputs, layouts, self.facts).to(engine.dtype)  # [D, N, H]
-        rope, deep, offset = [], [], 0
+        offset = 0
         for i, (x, mask) in enumerate(zip(ids, masks)):
             n = int(mask.sum())
             if n:
                 embeds[i] = embeds[i].clone()
                 embeds[i][mask] = features[offset:offset + n]  # row-major, as HF's masked_scatter
-            if "deepstack" in extra:
-                layers = int(engine.info["deepstack_layers"])
-                deep.append(embeds[i].new_zeros(layers, x.shape[0], embeds[i].shape[-1]))
-                if n:
-                    deep[-1][:, mask] = deepstack[:, offset:offset + n]
-            if "rope_positions" in extra:
-                rope.append(self.family.rope_positions(x, per_sample_layouts[i], self.facts))
             offset += n
+        batch = PromptBatch(ids, masks, embeds, per_sample_layouts, layouts, outputs, self.facts, engine.info,
+                            engine.dtype)
+        extras = {spec.name: [self.family.sample_input(spec, batch, i) for i in range(len(ids))]
+                  for spec in engine.input_specs}
         positions = [m.nonzero()[:, 0] for m in masks]
-        prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles,
-                            rope or None, deep or None)
+        prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles, extras)
         if len({x.shape[0] for x in ids}) == 1 and len({p.shape[0] for p in positions}) == 1:
             prepared = Prepared(torch.stack(ids), torch.stack(embeds), torch.stack(positions), pixel_values,
-                                per_sample_tiles, torch.stack(rope, dim=1) if rope else None,
-                                torch.stack(deep, dim=1) if deep else None)
+                                per_sample_tiles, {spec.name: torch.stack(extras[spec.name], dim=spec.batch_axis)
+                                                   for spec in engine.input_specs})
         return prepared
 
 

@@ -1,7 +1,12 @@
 """The front-end interface of a VLM family, and its registry."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+from ...errors import UserInputError
+from ..specs import InputSpec
 
 # Prompts mark each image's place with PLACEHOLDER, whatever the family's own token
 # (InternVL's <IMG_CONTEXT>, Qwen-VL's <|image_pad|>, ...): the front end translates.
@@ -48,15 +53,43 @@ class FrontEndFamily:
         features = outputs[0]
         return features.reshape(-1, features.shape[-1])
 
-    def deepstack(self, outputs: list, layouts: list, facts: dict) -> torch.Tensor | None:
-        """Families whose backbone takes "deepstack": the per-layer visual features [D, N, H] of the
-        image tokens, in prompt order (the runtime places them at the image-token positions)."""
-        return None
+    def sample_input(self, spec: InputSpec, prompts: PromptBatch, i: int) -> torch.Tensor:
+        """Sample i's value of the backbone's extra input `spec` (its shape without the B dim), for
+        families whose backbone takes extra inputs (runtime/specs.py); they override this."""
+        raise PromptError(f"the {self.model_type} front end cannot build the backbone input {spec.name!r}")
 
-    def rope_positions(self, input_ids: torch.Tensor, layouts: list, facts: dict) -> torch.Tensor:
-        """Families whose backbone takes "rope_positions": one sample's input_ids [S] and its images'
-        layouts (none for a text-only prompt) -> its [3, S] int64 rotary positions."""
-        raise NotImplementedError
+
+@dataclass
+class PromptBatch:
+    """The prompts of one prepare() call, as a front end builds the backbone's extra inputs from them."""
+
+    ids: list  # per sample: input_ids [S] int64
+    masks: list  # per sample: [S] bool, True at the image tokens
+    embeds: list  # per sample: inputs_embeds [S, H] (image features in place)
+    layouts: list  # per sample: its images' layouts (tiles()'s third item, or tiles per image)
+    all_layouts: list  # every image's layout, in prompt order (encode's and arrange's argument)
+    outputs: list | None  # the vision encoder's outputs for all the images (None: no image)
+    facts: dict  # the manifest's vision facts
+    model: dict  # the manifest's model facts (InputSpec.sizes name them)
+    dtype: torch.dtype  # the engine's floating dtype
+    cache: dict = field(default_factory=dict)  # values computed once per batch, by the front end
+
+    def offset(self, i: int) -> int:
+        """Image tokens of the samples before sample i (where sample i's start in image-token order)."""
+        return sum(int(m.sum()) for m in self.masks[:i])
+
+    def at_image_tokens(self, spec: InputSpec, values: torch.Tensor, i: int) -> torch.Tensor:
+        """Sample i's value of `spec`: `values` (one row per image token of the batch, in prompt
+        order, along the spec's S axis) at its image-token positions, the absent value elsewhere."""
+        seq = self.ids[i].shape[0]
+        out = spec.absent_value(None, seq, self.model, self.embeds[i].dtype).to(self.embeds[i].device)
+        n, start = int(self.masks[i].sum()), self.offset(i)
+        if n:
+            axis = spec.sequence_axis - (spec.batch_axis < spec.sequence_axis)
+            index = [slice(None)] * out.dim()
+            index[axis] = self.masks[i]
+            out[tuple(index)] = values.narrow(axis, start, n)
+        return out
 
 
 FRONT_ENDS: dict[str, FrontEndFamily] = {}
@@ -68,7 +101,7 @@ def register(family: FrontEndFamily) -> FrontEndFamily:
     return family
 
 
-class PromptError(ValueError):
+class PromptError(UserInputError):
     """A prompt this engine's input side cannot take (bad input)."""
 
 

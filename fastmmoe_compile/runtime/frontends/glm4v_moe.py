@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .base import register
-from .grid import GridFrontEnd
+from .grid import ROPE_POSITIONS, GridFrontEnd
 
 BEGIN, IMAGE, END = "<|begin_of_image|>", "<|image|>", "<|end_of_image|>"
+INPUT_SPECS = (ROPE_POSITIONS,)  # the backbone's extra inputs: 3D rotary positions
 
 
 def vision_tables(grid, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

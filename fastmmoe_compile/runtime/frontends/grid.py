@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import FrontEndFamily, chat_prompt
+from ..specs import InputSpec, register_input
+from .base import FrontEndFamily, PromptBatch, chat_prompt
+
+# The 3D (temporal, height, width) rotary position of every token, computed on the host from the
+# ids and the image grids (rope_index); decode continues after the largest (transformers' rope deltas).
+ROPE_POSITIONS = register_input(InputSpec(
+    "rope_positions", (3, "B", "S"), "int64", absent="arange", decode="max+1",
+    doc="multimodal rotary positions (temporal, height, width) of each token"))
 
 
 def rope_index(input_ids: torch.Tensor, grids: list, image_token_id: int, merge: int) -> torch.Tensor:
@@ -94,3 +101,8 @@ class GridFrontEnd(FrontEndFamily):
 
     def rope_positions(self, input_ids: torch.Tensor, grids: list, facts: dict) -> torch.Tensor:
         return rope_index(input_ids, grids, int(facts["image_token_id"]), self.merge_size(facts))
+
+    def sample_input(self, spec: InputSpec, prompts: PromptBatch, i: int) -> torch.Tensor:
+        if spec.name == ROPE_POSITIONS.name:  # [3, S]
+            return self.rope_positions(prompts.ids[i], prompts.layouts[i], prompts.facts)
+        return super().sample_input(spec, prompts, i)

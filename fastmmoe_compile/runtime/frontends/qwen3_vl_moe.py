@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import register
-from .grid import GridFrontEnd
+from ..specs import InputSpec, register_input
+from .base import PromptBatch, register
+from .grid import ROPE_POSITIONS, GridFrontEnd
 
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_RUN = VISION_START + IMAGE_PAD + VISION_END
+
+# The vision tower's intermediate features, added to the residual stream after decoder layers
+# 0..D-1 at the image-token positions, zero elsewhere (D = len(vision_config.deepstack_visual_indexes)).
+DEEPSTACK = register_input(InputSpec(
+    "deepstack", ("D", "B", "S", "H"), "float", sizes=(("D", "deepstack_layers"), ("H", "hidden_size")),
+    absent="zeros", doc="deepstack visual features per decoder layer 0..D-1, zero at text tokens"))
+INPUT_SPECS = (ROPE_POSITIONS, DEEPSTACK)  # the backbone's extra inputs, in this order
 
 
 def grid_tables(grid, facts: dict, dtype=torch.float32) -> tuple:
@@ -38,6 +46,16 @@ class Qwen3VLFrontEnd(GridFrontEnd):
 
     def deepstack(self, outputs: list, grids: list, facts: dict) -> torch.Tensor:
         return outputs[1]
+
+    def sample_input(self, spec: InputSpec, prompts: PromptBatch, i: int) -> torch.Tensor:
+        if spec.name == DEEPSTACK.name:  # [D, S, H]: the image tokens' features in place, zero elsewhere
+            if prompts.outputs is None:
+                return prompts.at_image_tokens(spec, None, i)
+            if spec.name not in prompts.cache:  # [D, N, H] for every image token of the batch
+                features = self.deepstack(prompts.outputs, prompts.all_layouts, prompts.facts)
+                prompts.cache[spec.name] = features.to(prompts.dtype)
+            return prompts.at_image_tokens(spec, prompts.cache[spec.name], i)
+        return super().sample_input(spec, prompts, i)
 
 
 register(Qwen3VLFrontEnd())
