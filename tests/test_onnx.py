@@ -1,5 +1,6 @@
 """The onnx backend: ONNX Runtime engines compute what the rewritten program computes (Top-Kv,
-token merging, FastV; two families; batch 1 and 2; several sequence and vision lengths), keep
+token merging, FastV; three families, deepseek_v2's complex rotary embedding as real pairs; batch 1
+and 2; several sequence and vision lengths), keep
 Top-Kv's savings (the grouped GEMM sees exactly the routed pairs), and pass the ONNX checker
 with full shape inference. Decode: the ORT decode step (decode.onnx) gives the export backend's
 logits and K/V rows, and greedy generate gives its tokens (identity; Top-Kv + merge; batches
@@ -242,8 +243,12 @@ def test_unsupported_onnx_inputs_fail_cleanly(tmp_path, capsys):
             program.state_dict[name] = t.to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         export_onnx(program, tmp_path / "x.onnx")
-    _, program, _ = rewrite(tiny_model("tiny-deepseek-v2"), FastMMoEConfig())
-    with pytest.raises(NotImplementedError, match="complex"):  # its rotary embedding: torch.onnx cannot yet
+    class Exp(torch.nn.Module):  # a complex op the real-pair translation does not know
+        def forward(self, x):
+            return torch.view_as_real(torch.view_as_complex(x).exp())
+
+    program = torch.export.export(Exp(), (torch.randn(3, 2),))
+    with pytest.raises(NotImplementedError, match="complex-valued op aten.exp"):
         export_onnx(program, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -268,3 +273,75 @@ def test_onnx_engine_with_rope_positions_and_deepstack():
     assert ours.kept_positions.shape[1] < inputs["inputs_embeds"].shape[1]  # the merge ran
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert torch.equal(ours.next_positions, theirs.next_positions)
+
+
+# --- deepseek_v2 (DeepSeek-VL2-Small's backbone): its complex rotary embedding as real pairs -----------
+@pytest.fixture(scope="session")
+def onnx_deepseek2(tmp_path_factory):
+    """tiny-deepseek-v2 with Top-Kv + two merges, through compile_model into an ONNX engine dir (prefill
+    with cache outputs + decode.onnx), loaded back; and the export backend's engine of the same."""
+    loaded = tiny_model("tiny-deepseek-v2")
+    out = tmp_path_factory.mktemp("onnx-deepseek2") / "engine"
+    compile_model(loaded, MERGE, out, backend="onnx", quiet=True)
+    return loaded, load_engine(out), export_engine(loaded, MERGE, "deepseek2-merge"), out
+
+
+def test_onnx_deepseek_v2_matches_the_export_backend(onnx_deepseek2):
+    """Prefill: logits within 1e-4 and the same kept tokens as the export backend, at batch 1 and 2,
+    with and without vision tokens; then greedy generate gives its tokens (decode.onnx)."""
+    loaded, engine, reference, _ = onnx_deepseek2
+    for i, (batch, seq, vision) in enumerate(SHAPES):
+        embeds, positions = _inputs(loaded, batch, seq, vision, seed=i)
+        mine = engine.prefill(inputs_embeds=embeds, vision_positions=positions)
+        theirs = reference.prefill(inputs_embeds=embeds, vision_positions=positions)
+        torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=0)
+        assert torch.equal(mine.kept_positions, theirs.kept_positions)
+        if len(vision) > 2:
+            assert mine.kept_positions.shape[1] < seq  # the merges dropped tokens
+        if not vision:
+            torch.testing.assert_close(mine.logits, hf_last_logits(loaded, embeds), atol=1e-4, rtol=0)
+    g = torch.Generator().manual_seed(3)
+    samples = [torch.randn(s, loaded.config.hidden_size, generator=g) for s in (26, 18)]
+    vision = [torch.arange(3, 19), torch.arange(2, 8)]
+    out = engine.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
+    expected = reference.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
+    assert [t.tolist() for t in out] == [t.tolist() for t in expected]
+
+
+def test_onnx_deepseek_v2_passes_the_checker_without_complex_types(onnx_deepseek2):
+    *_, out = onnx_deepseek2
+    for name in ("backbone.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(out / name)), strict_mode=True)
+        types = {v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+        assert not types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+
+def test_onnx_deepseek_v2_computes_only_the_routed_pairs(onnx_deepseek2, tmp_path):
+    """Rows each MoE layer's grouped GEMM is handed (ORT run with them as extra outputs): text tokens
+    route K experts, vision tokens Kv, and after each merge only the kept vision tokens route."""
+    import math
+
+    loaded, _, _, out = onnx_deepseek2
+    model = onnx.load(str(out / "backbone.onnx"))
+    calls = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "grouped_mm"]
+    moe = [i for i, _ in loaded.family.moe_blocks(loaded.lm)]
+    assert moe == [1, 2, 3] and len(calls) == 2 * len(moe)  # layer 0 is dense (first_k_dense_replace)
+    for n in calls[::2]:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
+    probe = tmp_path / "probe.onnx"
+    onnx.save(model, str(probe))
+    session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    batch, seq, vision = 2, 33, range(5, 30)
+    embeds, positions = _inputs(loaded, batch, seq, vision)
+    results = session.run(None, {"inputs_embeds": embeds.numpy(), "vision_positions": positions.numpy()})
+    rows = [r.shape[0] for r in results[-len(moe):]]
+    # docs/fastmmoe.md: a stage keeps max(1, floor(N * r)) of N vision tokens, r = keep_ratio^(1/stages)
+    r = MERGE.keep_ratio ** (1 / len(MERGE.merge_layers))
+    n0 = len(vision)
+    n1 = min(n0, max(1, math.floor(n0 * r)))
+    n2 = min(n1, max(1, math.floor(n1 * r)))
+    k = loaded.config.num_experts_per_tok
+    kv, text = MERGE.kv(k), seq - n0
+    assert rows == [batch * (text * k + n * kv) for n in (n1, n2, n2)]  # merges at layers 1 and 2
+    assert results[1].shape == (batch, text + n2)  # kept_positions

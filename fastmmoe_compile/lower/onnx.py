@@ -38,6 +38,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .. import algorithm, ops
+from .complex_real import real_valued
 
 DOMAIN = "fastmmoe"
 OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
@@ -76,12 +77,11 @@ def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
                          f"weights, got {str(dtype).removeprefix('torch.')}")
-    if any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in program.graph.nodes):
-        raise NotImplementedError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
-                                  "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
     output_names, axes = _names(program)
+    # Complex values (deepseek_v2's rotary embedding) become real pairs: lower/complex_real.py.
+    decomposed = real_valued(_decompose(program))
     with _quiet_loggers("torch.onnx", "onnx_ir", "onnxscript"):  # "torchvision is not installed" and the like
-        onnx_program = torch.onnx.export(_decompose(program), dynamo=True, custom_translation_table=_translations(),
+        onnx_program = torch.onnx.export(decomposed, dynamo=True, custom_translation_table=_translations(),
                                          output_names=output_names, verbose=False)
     model = onnx_program.model
     onnx_program.rename_axes(_axis_names(model, axes))  # s59 -> batch, also inside the expressions of later sizes
