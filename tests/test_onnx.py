@@ -28,7 +28,7 @@ TOPKV = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1)
 MERGE = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1, merge_layers=(1, 2), keep_ratio=0.5,
                        merge_ratio=0.3)
 FASTV = FastVConfig(prune_layer=2, keep_ratio=0.5)
-CASES = ["qwen3-topkv", "deepseek3-merge", "qwen3-fastv"]
+CASES = ["qwen3-topkv", "deepseek2-merge", "qwen3-fastv"]  # deepseek_v2: its complex rotary as real pairs
 # (batch, seq, vision positions): batch 1 and 2, a prompt without vision tokens, vision at the end
 SHAPES = [(1, 20, range(3, 11)), (2, 33, range(5, 30)), (2, 9, range(0)), (1, 16, range(4, 15))]
 
@@ -41,7 +41,7 @@ def onnx_engines(tmp_path_factory):
     (decode=False): decode is tested on the sharper models of onnx_decode_engine."""
     root = tmp_path_factory.mktemp("onnx")
     cases = {}
-    for key, name, config in [("qwen3-topkv", "tiny-qwen3-moe", TOPKV), ("deepseek3-merge", "tiny-deepseek-v3", MERGE),
+    for key, name, config in [("qwen3-topkv", "tiny-qwen3-moe", TOPKV), ("deepseek2-merge", "tiny-deepseek-v2", MERGE),
                               ("qwen3-fastv", "tiny-qwen3-moe", FASTV)]:
         loaded = tiny_model(name)
         _, program, _ = rewrite(loaded, config)
@@ -102,15 +102,31 @@ def test_onnx_model_passes_the_checker(onnx_engines):
         assert all(isinstance(d, str) for d in dims[0][:2] + dims[1]), dims  # batch, sequence, vision are dynamic
 
 
-def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path):
+def _vision_per_moe_layer(loaded, config, n: int) -> list[int]:
+    """Vision tokens reaching each MoE layer's experts: docs/fastmmoe.md, a merge stage at layer l (before
+    its MoE) keeps min(N, max(1, floor(N * r))) of N, r = keep_ratio^(1 / stages)."""
+    import math
+
+    r = config.keep_ratio ** (1 / len(config.merge_layers)) if config.merge_layers else 1.0
+    counts = []
+    for layer in range(loaded.config.num_hidden_layers):
+        if layer in config.merge_layers:
+            n = min(n, max(1, math.floor(n * r)))
+        counts.append(n)
+    return [counts[i] for i, _ in loaded.family.moe_blocks(loaded.lm)]
+
+
+@pytest.mark.parametrize("key,config", [("qwen3-topkv", TOPKV), ("deepseek2-merge", MERGE)])
+def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path, key, config):
     """Every expert GEMM of the ONNX graph is our grouped_mm (no all-experts matmul), and the rows
-    it is handed, counted by running ORT with them as extra outputs, are n_text*K + n_vision*Kv."""
-    loaded, _, out = onnx_engines["qwen3-topkv"]
+    it is handed, counted by running ORT with them as extra outputs, are n_text*K + n_vision*Kv at
+    each MoE layer (before reduce_from_layer: K for all; after a merge: the kept vision tokens)."""
+    loaded, _, out = onnx_engines[key]
     model = onnx.load(str(out / "backbone.onnx"))
     calls = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "grouped_mm"]
-    layers = loaded.config.num_hidden_layers
-    assert len(calls) == 2 * layers  # gate_up and down per MoE layer
-    experts = loaded.config.num_experts
+    moe = [i for i, _ in loaded.family.moe_blocks(loaded.lm)]
+    assert len(calls) == 2 * len(moe)  # gate_up and down per MoE layer
+    experts = loaded.family.num_experts(loaded.config)
     for n in model.graph.node:  # no dense expert compute: nothing else reads an [E, ...] expert weight
         if n.op_type in ("MatMul", "Gemm", "Einsum"):
             for name in n.input:
@@ -123,12 +139,17 @@ def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path):
     session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     batch, seq, vision = 2, 33, range(5, 30)
     embeds, positions = _inputs(loaded, batch, seq, vision)
-    rows = [o.shape[0] for o in session.run(None, {"inputs_embeds": embeds.numpy(),
-                                                   "vision_positions": positions.numpy()})[-layers:]]
-    k, kv, n_vis = loaded.config.num_experts_per_tok, TOPKV.kv(loaded.config.num_experts_per_tok), len(vision)
-    full, reduced = batch * seq * k, batch * ((seq - n_vis) * k + n_vis * kv)
-    assert rows == [full] * TOPKV.reduce_from_layer + [reduced] * (layers - TOPKV.reduce_from_layer)
-    assert reduced < full
+    results = session.run(None, {"inputs_embeds": embeds.numpy(), "vision_positions": positions.numpy()})
+    rows = [o.shape[0] for o in results[-len(moe):]]
+    k, kv, text = loaded.config.num_experts_per_tok, config.kv(loaded.config.num_experts_per_tok), seq - len(vision)
+    expected = [batch * (text * k + n * (kv if layer >= config.reduce_from_layer else k))
+                for layer, n in zip(moe, _vision_per_moe_layer(loaded, config, len(vision)))]
+    assert rows == expected and expected[-1] < batch * seq * k
+    assert results[1].shape == (batch, text + _vision_per_moe_layer(loaded, config, len(vision))[-1])
+    if key == "deepseek2-merge":  # no complex type left anywhere in the graph
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(out / "backbone.onnx")), strict_mode=True)
+        types = {v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+        assert not types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
 _EXPORT_ENGINES = {}
@@ -208,10 +229,12 @@ def test_onnx_decode_model_passes_the_checker(onnx_decode_engine):
     assert [o.name for o in backbone.graph.output][:4] == ["logits", "kept_positions", "key_0", "value_0"]
 
 
-def test_onnx_identity_config_in_process():
-    """Kv == K through compile_model without out= (in-process ORT sessions), on deepseek_v3 (MLA caches
-    of unequal key and value widths): prefill equals the HF model, generate equals the export backend."""
-    model = sharp_model("tiny-deepseek-v3", layers=2)  # layer 0 dense, layer 1 MoE
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-deepseek-v2"])
+def test_onnx_identity_config_in_process(name):
+    """Kv == K through compile_model without out= (in-process ORT sessions), on deepseek_v3 and deepseek_v2
+    (MLA caches of unequal key and value widths; v2's complex rotary as real pairs, in decode too):
+    prefill equals the HF model, generate equals the export backend."""
+    model = sharp_model(name, layers=2)  # layer 0 dense, layer 1 MoE
     config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=1.0)
     engine = compile_model(model, config, backend="onnx", quiet=True)
     embeds, positions = _inputs(model, 2, 24, range(2, 20))
@@ -219,8 +242,8 @@ def test_onnx_identity_config_in_process():
     torch.testing.assert_close(result.logits, hf_last_logits(model, embeds), atol=1e-4, rtol=0)
     prompts, vision = [ids_of(12, 1), ids_of(9, 2)], [torch.arange(2, 8), None]
     out = engine.generate(prompts, vision_positions=vision, max_new_tokens=NEW)
-    expected = export_engine(model, config, "deepseek3-identity").generate(prompts, vision_positions=vision,
-                                                                           max_new_tokens=NEW)
+    expected = export_engine(model, config, name + "-identity").generate(prompts, vision_positions=vision,
+                                                                         max_new_tokens=NEW)
     assert [t.tolist() for t in out] == [t.tolist() for t in expected]
 
 
@@ -274,74 +297,3 @@ def test_onnx_engine_with_rope_positions_and_deepstack():
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert torch.equal(ours.next_positions, theirs.next_positions)
 
-
-# --- deepseek_v2 (DeepSeek-VL2-Small's backbone): its complex rotary embedding as real pairs -----------
-@pytest.fixture(scope="session")
-def onnx_deepseek2(tmp_path_factory):
-    """tiny-deepseek-v2 with Top-Kv + two merges, through compile_model into an ONNX engine dir (prefill
-    with cache outputs + decode.onnx), loaded back; and the export backend's engine of the same."""
-    loaded = tiny_model("tiny-deepseek-v2")
-    out = tmp_path_factory.mktemp("onnx-deepseek2") / "engine"
-    compile_model(loaded, MERGE, out, backend="onnx", quiet=True)
-    return loaded, load_engine(out), export_engine(loaded, MERGE, "deepseek2-merge"), out
-
-
-def test_onnx_deepseek_v2_matches_the_export_backend(onnx_deepseek2):
-    """Prefill: logits within 1e-4 and the same kept tokens as the export backend, at batch 1 and 2,
-    with and without vision tokens; then greedy generate gives its tokens (decode.onnx)."""
-    loaded, engine, reference, _ = onnx_deepseek2
-    for i, (batch, seq, vision) in enumerate(SHAPES):
-        embeds, positions = _inputs(loaded, batch, seq, vision, seed=i)
-        mine = engine.prefill(inputs_embeds=embeds, vision_positions=positions)
-        theirs = reference.prefill(inputs_embeds=embeds, vision_positions=positions)
-        torch.testing.assert_close(mine.logits, theirs.logits, atol=1e-4, rtol=0)
-        assert torch.equal(mine.kept_positions, theirs.kept_positions)
-        if len(vision) > 2:
-            assert mine.kept_positions.shape[1] < seq  # the merges dropped tokens
-        if not vision:
-            torch.testing.assert_close(mine.logits, hf_last_logits(loaded, embeds), atol=1e-4, rtol=0)
-    g = torch.Generator().manual_seed(3)
-    samples = [torch.randn(s, loaded.config.hidden_size, generator=g) for s in (26, 18)]
-    vision = [torch.arange(3, 19), torch.arange(2, 8)]
-    out = engine.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
-    expected = reference.generate(inputs_embeds=samples, vision_positions=vision, max_new_tokens=NEW)
-    assert [t.tolist() for t in out] == [t.tolist() for t in expected]
-
-
-def test_onnx_deepseek_v2_passes_the_checker_without_complex_types(onnx_deepseek2):
-    *_, out = onnx_deepseek2
-    for name in ("backbone.onnx", "decode.onnx"):
-        onnx.checker.check_model(str(out / name), full_check=True)
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(out / name)), strict_mode=True)
-        types = {v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
-        assert not types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
-
-
-def test_onnx_deepseek_v2_computes_only_the_routed_pairs(onnx_deepseek2, tmp_path):
-    """Rows each MoE layer's grouped GEMM is handed (ORT run with them as extra outputs): text tokens
-    route K experts, vision tokens Kv, and after each merge only the kept vision tokens route."""
-    import math
-
-    loaded, _, _, out = onnx_deepseek2
-    model = onnx.load(str(out / "backbone.onnx"))
-    calls = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "grouped_mm"]
-    moe = [i for i, _ in loaded.family.moe_blocks(loaded.lm)]
-    assert moe == [1, 2, 3] and len(calls) == 2 * len(moe)  # layer 0 is dense (first_k_dense_replace)
-    for n in calls[::2]:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
-    probe = tmp_path / "probe.onnx"
-    onnx.save(model, str(probe))
-    session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-    batch, seq, vision = 2, 33, range(5, 30)
-    embeds, positions = _inputs(loaded, batch, seq, vision)
-    results = session.run(None, {"inputs_embeds": embeds.numpy(), "vision_positions": positions.numpy()})
-    rows = [r.shape[0] for r in results[-len(moe):]]
-    # docs/fastmmoe.md: a stage keeps max(1, floor(N * r)) of N vision tokens, r = keep_ratio^(1/stages)
-    r = MERGE.keep_ratio ** (1 / len(MERGE.merge_layers))
-    n0 = len(vision)
-    n1 = min(n0, max(1, math.floor(n0 * r)))
-    n2 = min(n1, max(1, math.floor(n1 * r)))
-    k = loaded.config.num_experts_per_tok
-    kv, text = MERGE.kv(k), seq - n0
-    assert rows == [batch * (text * k + n * kv) for n in (n1, n2, n2)]  # merges at layers 1 and 2
-    assert results[1].shape == (batch, text + n2)  # kept_positions

@@ -22,6 +22,8 @@ it means pattern-matching our whole dispatch out of the graph and re-laying the 
 family and activation, and its CPU SwiGLU has changed meaning across ORT releases (a fixed
 alpha 1.702 and clamp 7 in older ones). The Loop is exact for every family, activation and
 ORT version, and keeps the graph the program we verified.
+Complex values (deepseek_v2's rotary embedding; ONNX has no complex type) become real
+(real, imaginary) pairs first: lower/complex_real.py.
 The graph keeps the program's inputs and every one of its outputs, with their dynamic axes.
 The two programs an engine holds get readable names: the prefill program (export/capture.py)
 -> logits, kept_positions, key_l, value_l (batch, sequence, vision axes); the decode step
