@@ -1,5 +1,6 @@
 """The onnx backend: ONNX Runtime engines compute what the rewritten program computes (Top-Kv,
-token merging, FastV; two families; batch 1 and 2; several sequence and vision lengths), keep
+token merging, FastV; three families, deepseek_v2's complex rotary embedding as real pairs; batch 1
+and 2; several sequence and vision lengths), keep
 Top-Kv's savings (the grouped GEMM sees exactly the routed pairs), and pass the ONNX checker
 with full shape inference. Decode: the ORT decode step (decode.onnx) gives the export backend's
 logits and K/V rows, and greedy generate gives its tokens (identity; Top-Kv + merge; batches
@@ -27,7 +28,7 @@ TOPKV = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1)
 MERGE = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1, merge_layers=(1, 2), keep_ratio=0.5,
                        merge_ratio=0.3)
 FASTV = FastVConfig(prune_layer=2, keep_ratio=0.5)
-CASES = ["qwen3-topkv", "deepseek3-merge", "qwen3-fastv"]
+CASES = ["qwen3-topkv", "deepseek2-merge", "qwen3-fastv"]  # deepseek_v2: its complex rotary as real pairs
 # (batch, seq, vision positions): batch 1 and 2, a prompt without vision tokens, vision at the end
 SHAPES = [(1, 20, range(3, 11)), (2, 33, range(5, 30)), (2, 9, range(0)), (1, 16, range(4, 15))]
 
@@ -40,7 +41,7 @@ def onnx_engines(tmp_path_factory):
     (decode=False): decode is tested on the sharper models of onnx_decode_engine."""
     root = tmp_path_factory.mktemp("onnx")
     cases = {}
-    for key, name, config in [("qwen3-topkv", "tiny-qwen3-moe", TOPKV), ("deepseek3-merge", "tiny-deepseek-v3", MERGE),
+    for key, name, config in [("qwen3-topkv", "tiny-qwen3-moe", TOPKV), ("deepseek2-merge", "tiny-deepseek-v2", MERGE),
                               ("qwen3-fastv", "tiny-qwen3-moe", FASTV)]:
         loaded = tiny_model(name)
         _, program, _ = rewrite(loaded, config)
@@ -101,15 +102,31 @@ def test_onnx_model_passes_the_checker(onnx_engines):
         assert all(isinstance(d, str) for d in dims[0][:2] + dims[1]), dims  # batch, sequence, vision are dynamic
 
 
-def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path):
+def _vision_per_moe_layer(loaded, config, n: int) -> list[int]:
+    """Vision tokens reaching each MoE layer's experts: docs/fastmmoe.md, a merge stage at layer l (before
+    its MoE) keeps min(N, max(1, floor(N * r))) of N, r = keep_ratio^(1 / stages)."""
+    import math
+
+    r = config.keep_ratio ** (1 / len(config.merge_layers)) if config.merge_layers else 1.0
+    counts = []
+    for layer in range(loaded.config.num_hidden_layers):
+        if layer in config.merge_layers:
+            n = min(n, max(1, math.floor(n * r)))
+        counts.append(n)
+    return [counts[i] for i, _ in loaded.family.moe_blocks(loaded.lm)]
+
+
+@pytest.mark.parametrize("key,config", [("qwen3-topkv", TOPKV), ("deepseek2-merge", MERGE)])
+def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path, key, config):
     """Every expert GEMM of the ONNX graph is our grouped_mm (no all-experts matmul), and the rows
-    it is handed, counted by running ORT with them as extra outputs, are n_text*K + n_vision*Kv."""
-    loaded, _, out = onnx_engines["qwen3-topkv"]
+    it is handed, counted by running ORT with them as extra outputs, are n_text*K + n_vision*Kv at
+    each MoE layer (before reduce_from_layer: K for all; after a merge: the kept vision tokens)."""
+    loaded, _, out = onnx_engines[key]
     model = onnx.load(str(out / "backbone.onnx"))
     calls = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == "grouped_mm"]
-    layers = loaded.config.num_hidden_layers
-    assert len(calls) == 2 * layers  # gate_up and down per MoE layer
-    experts = loaded.config.num_experts
+    moe = [i for i, _ in loaded.family.moe_blocks(loaded.lm)]
+    assert len(calls) == 2 * len(moe)  # gate_up and down per MoE layer
+    experts = loaded.family.num_experts(loaded.config)
     for n in model.graph.node:  # no dense expert compute: nothing else reads an [E, ...] expert weight
         if n.op_type in ("MatMul", "Gemm", "Einsum"):
             for name in n.input:
@@ -122,12 +139,17 @@ def test_onnx_moe_computes_only_the_routed_pairs(onnx_engines, tmp_path):
     session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     batch, seq, vision = 2, 33, range(5, 30)
     embeds, positions = _inputs(loaded, batch, seq, vision)
-    rows = [o.shape[0] for o in session.run(None, {"inputs_embeds": embeds.numpy(),
-                                                   "vision_positions": positions.numpy()})[-layers:]]
-    k, kv, n_vis = loaded.config.num_experts_per_tok, TOPKV.kv(loaded.config.num_experts_per_tok), len(vision)
-    full, reduced = batch * seq * k, batch * ((seq - n_vis) * k + n_vis * kv)
-    assert rows == [full] * TOPKV.reduce_from_layer + [reduced] * (layers - TOPKV.reduce_from_layer)
-    assert reduced < full
+    results = session.run(None, {"inputs_embeds": embeds.numpy(), "vision_positions": positions.numpy()})
+    rows = [o.shape[0] for o in results[-len(moe):]]
+    k, kv, text = loaded.config.num_experts_per_tok, config.kv(loaded.config.num_experts_per_tok), seq - len(vision)
+    expected = [batch * (text * k + n * (kv if layer >= config.reduce_from_layer else k))
+                for layer, n in zip(moe, _vision_per_moe_layer(loaded, config, len(vision)))]
+    assert rows == expected and expected[-1] < batch * seq * k
+    assert results[1].shape == (batch, text + _vision_per_moe_layer(loaded, config, len(vision))[-1])
+    if key == "deepseek2-merge":  # no complex type left anywhere in the graph
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(out / "backbone.onnx")), strict_mode=True)
+        types = {v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+        assert not types & {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
 
 
 _EXPORT_ENGINES = {}
@@ -207,10 +229,12 @@ def test_onnx_decode_model_passes_the_checker(onnx_decode_engine):
     assert [o.name for o in backbone.graph.output][:4] == ["logits", "kept_positions", "key_0", "value_0"]
 
 
-def test_onnx_identity_config_in_process():
-    """Kv == K through compile_model without out= (in-process ORT sessions), on deepseek_v3 (MLA caches
-    of unequal key and value widths): prefill equals the HF model, generate equals the export backend."""
-    model = sharp_model("tiny-deepseek-v3", layers=2)  # layer 0 dense, layer 1 MoE
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-deepseek-v2"])
+def test_onnx_identity_config_in_process(name):
+    """Kv == K through compile_model without out= (in-process ORT sessions), on deepseek_v3 and deepseek_v2
+    (MLA caches of unequal key and value widths; v2's complex rotary as real pairs, in decode too):
+    prefill equals the HF model, generate equals the export backend."""
+    model = sharp_model(name, layers=2)  # layer 0 dense, layer 1 MoE
     config = FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=1.0)
     engine = compile_model(model, config, backend="onnx", quiet=True)
     embeds, positions = _inputs(model, 2, 24, range(2, 20))
@@ -218,8 +242,8 @@ def test_onnx_identity_config_in_process():
     torch.testing.assert_close(result.logits, hf_last_logits(model, embeds), atol=1e-4, rtol=0)
     prompts, vision = [ids_of(12, 1), ids_of(9, 2)], [torch.arange(2, 8), None]
     out = engine.generate(prompts, vision_positions=vision, max_new_tokens=NEW)
-    expected = export_engine(model, config, "deepseek3-identity").generate(prompts, vision_positions=vision,
-                                                                           max_new_tokens=NEW)
+    expected = export_engine(model, config, name + "-identity").generate(prompts, vision_positions=vision,
+                                                                         max_new_tokens=NEW)
     assert [t.tolist() for t in out] == [t.tolist() for t in expected]
 
 
@@ -242,8 +266,12 @@ def test_unsupported_onnx_inputs_fail_cleanly(tmp_path, capsys):
             program.state_dict[name] = t.to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         export_onnx(program, tmp_path / "x.onnx")
-    _, program, _ = rewrite(tiny_model("tiny-deepseek-v2"), FastMMoEConfig())
-    with pytest.raises(NotImplementedError, match="complex"):  # its rotary embedding: torch.onnx cannot yet
+    class Exp(torch.nn.Module):  # a complex op the real-pair translation does not know
+        def forward(self, x):
+            return torch.view_as_real(torch.view_as_complex(x).exp())
+
+    program = torch.export.export(Exp(), (torch.randn(3, 2),))
+    with pytest.raises(NotImplementedError, match="complex-valued op aten.exp"):
         export_onnx(program, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -268,3 +296,4 @@ def test_onnx_engine_with_rope_positions_and_deepstack():
     assert ours.kept_positions.shape[1] < inputs["inputs_embeds"].shape[1]  # the merge ran
     torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
     assert torch.equal(ours.next_positions, theirs.next_positions)
+

@@ -22,6 +22,8 @@ it means pattern-matching our whole dispatch out of the graph and re-laying the 
 family and activation, and its CPU SwiGLU has changed meaning across ORT releases (a fixed
 alpha 1.702 and clamp 7 in older ones). The Loop is exact for every family, activation and
 ORT version, and keeps the graph the program we verified.
+Complex values (deepseek_v2's rotary embedding; ONNX has no complex type) become real
+(real, imaginary) pairs first: lower/complex_real.py.
 The graph keeps the program's inputs and every one of its outputs, with their dynamic axes.
 The two programs an engine holds get readable names: the prefill program (export/capture.py)
 -> logits, kept_positions, key_l, value_l (batch, sequence, vision axes); the decode step
@@ -39,6 +41,7 @@ from torch.export import ExportedProgram
 
 from .. import algorithm, ops
 from ..errors import UnsupportedModelError, UserInputError
+from .complex_real import real_valued
 
 DOMAIN = "fastmmoe"
 OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
@@ -78,12 +81,11 @@ def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
         raise UnsupportedModelError(
             f"the onnx backend supports {[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]} "
             f"weights, got {str(dtype).removeprefix('torch.')}")
-    if any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in program.graph.nodes):
-        raise UnsupportedModelError("the onnx backend cannot translate complex-valued tensors (this model's rotary "
-                                    "embedding, e.g. deepseek_v2's); use backend='inductor' or 'export'")
     output_names, axes = _names(program)
+    # Complex values (deepseek_v2's rotary embedding) become real pairs: lower/complex_real.py.
+    decomposed = real_valued(_decompose(program))
     with _quiet_loggers("torch.onnx", "onnx_ir", "onnxscript"):  # "torchvision is not installed" and the like
-        onnx_program = torch.onnx.export(_decompose(program), dynamo=True, custom_translation_table=_translations(),
+        onnx_program = torch.onnx.export(decomposed, dynamo=True, custom_translation_table=_translations(),
                                          output_names=output_names, verbose=False)
     model = onnx_program.model
     onnx_program.rename_axes(_axis_names(model, axes))  # s59 -> batch, also inside the expressions of later sizes

@@ -8,7 +8,10 @@ image_newline / view_seperator / language.*) onto transformers modules:
 - the timm-style ViT -> SiglipVisionModel (fused qkv split into q/k/v, pos_embed -> an Embedding,
   final norm -> post_layernorm; the unused attention-pool head is dropped: the official
   model runs with ignore_head=True);
-- language.* -> DeepseekV2ForCausalLM (per-expert weights stacked into its fused expert tensors).
+- language.* -> the transformers model computing the variant's language model (per-expert weights
+  stacked into its fused expert tensors; deepseek_vl2_language.py): DeepseekV2ForCausalLM (Small),
+  DeepseekV3ForCausalLM (the flagship: sigmoid + correction-bias routing), DeepseekOcr2Text + lm_head
+  (Tiny: multi-head attention).
 
 Input side, as the official DeepseekVLV2Processor (processing_deepseek_vl_v2.py) does it:
 - chat: "<|User|>: {prompt}\\n\\n<|Assistant|>:" after BOS (conversation template "deepseek");
@@ -41,7 +44,7 @@ class Config:
     """The official config.json, checked and read; `raw` is written back unchanged."""
 
     def __init__(self, raw: dict, image_token_id: int | None = None):
-        from transformers import DeepseekV2Config
+        from . import deepseek_vl2_language as language
 
         if raw.get("model_type") != MODEL_TYPE:
             raise UnsupportedModelError(f"not a {MODEL_TYPE} config: model_type {raw.get('model_type')!r}")
@@ -65,16 +68,13 @@ class Config:
             f"projector_type {self.projector_type!r} (only downsample_mlp_gelu)": self.projector_type != "downsample_mlp_gelu",
             f"tile_tag {self.tile_tag!r} (only 2D)": self.tile_tag != "2D",
             f"global_view_pos {self.global_view_pos!r}": self.global_view_pos not in ("head", "tail"),
-            "language_config.use_mla false (MHA DeepSeek-V2, e.g. VL2-Tiny)": lang.get("use_mla", True) is False,
-            f"language_config.scoring_func {lang.get('scoring_func')!r}": lang.get("scoring_func", "softmax") != "softmax",
             "vision width != projector input_dim": self.width != self.input_dim,
         }
         bad = [k for k, is_bad in unsupported.items() if is_bad]
         if bad:
             raise UnsupportedModelError(f"unsupported DeepSeek-VL2 config: {', '.join(bad)}")
-        lang = {k: v for k, v in lang.items() if k not in ("use_mla", "scoring_func", "moe_layer_freq", "model_type")}
-        self.text_config = DeepseekV2Config(**lang)
-        self.text_config._attn_implementation = "sdpa"
+        # DeepseekV2 (Small), DeepseekV3 (the flagship) or DeepseekOcr2Text (Tiny): deepseek_vl2_language.py
+        self.text_config = language.text_config(lang)
         if int(self.text_config.hidden_size) != self.n_embed:
             raise UnsupportedModelError(f"projector n_embed {self.n_embed} != language hidden_size {self.text_config.hidden_size}")
         self.image_token_id = image_token_id
@@ -126,7 +126,9 @@ class DeepseekVL2(nn.Module):
     view_seperator, language), so the official weights load by name."""
 
     def __init__(self, config: Config):
-        from transformers import DeepseekV2ForCausalLM, SiglipVisionModel
+        from transformers import SiglipVisionModel
+
+        from .deepseek_vl2_language import causal_lm_class
 
         super().__init__()
         self.config = config
@@ -135,7 +137,7 @@ class DeepseekVL2(nn.Module):
         std = config.n_embed ** -0.5
         self.image_newline = nn.Parameter(torch.randn(config.n_embed) * std)
         self.view_seperator = nn.Parameter(torch.randn(config.n_embed) * std)  # sic: the official name
-        self.language = DeepseekV2ForCausalLM(config.text_config)
+        self.language = causal_lm_class(config.text_config)(config.text_config)
 
     def save_pretrained(self, path) -> None:
         """config.json + model.safetensors in the official layout and names."""
@@ -260,7 +262,7 @@ class DeepseekVL2Family(DeepseekVL2FrontEnd, VLMFamily):
         return config.text_config
 
     def causal_lm(self, model) -> nn.Module:
-        return model.language.eval()  # already a DeepseekV2ForCausalLM over the checkpoint's weights
+        return model.language.eval()  # already a *ForCausalLM over the checkpoint's weights
 
     def encoder(self, model) -> nn.Module:
         return Encoder(model).eval()
@@ -271,7 +273,13 @@ class DeepseekVL2Family(DeepseekVL2FrontEnd, VLMFamily):
                 "image_token_id": config.image_token_id}
 
     def random_model(self, config: Config, dtype) -> nn.Module:
-        return DeepseekVL2(config).to(dtype or torch.float32)
+        model = DeepseekVL2(config)
+        for module in model.modules():  # transformers initialises the correction bias to 0: give it values
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor) and bias.device.type != "meta":
+                with torch.no_grad():
+                    bias.normal_(0.0, 0.1)
+        return model.to(dtype or torch.float32)
 
     def load_checkpoint(self, path: str, dtype):
         from safetensors.torch import load_file
@@ -309,22 +317,13 @@ FAMILY = DeepseekVL2Family()
 
 
 # --- built-in models --------------------------------------------------------------
-def tiny_raw_config() -> dict:
+def tiny_raw_config(variant: str = "small") -> dict:
     """An official-layout config.json: 42 px tiles of 14 px patches (3x3, padded to 4x4 by the
-    projector as 384/14 = 27 is padded to 28: 2x2 = 4 tokens per tile), a 2-layer ViT, and the
-    tiny deepseek_v2 backbone."""
-    from .deepseek import tiny_v2_config
+    projector as 384/14 = 27 is padded to 28: 2x2 = 4 tokens per tile), a 2-layer ViT, and a tiny
+    language model of the variant's form (deepseek_vl2_language.tiny_language: "small", "base", "tiny")."""
+    from .deepseek_vl2_language import tiny_language
 
-    lm = tiny_v2_config()
-    keys = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-            "first_k_dense_replace", "topk_method", "n_group", "topk_group", "routed_scaling_factor", "kv_lora_rank",
-            "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-            "rms_norm_eps", "initializer_range", "tie_word_embeddings")
-    language = {k: getattr(lm, k) for k in keys}
-    language.update(model_type="deepseek_v2", vocab_size=256 + len(_SPECIALS) + 5, rope_theta=10000.0,
-                    use_mla=True, scoring_func="softmax", moe_layer_freq=1, norm_topk_prob=False,
-                    bos_token_id=256, eos_token_id=257)
+    language = tiny_language(variant, vocab_size=256 + len(_SPECIALS) + 5, bos=256, eos=257)
     s = 42
     return {
         "model_type": MODEL_TYPE, "architectures": ["DeepseekVLV2ForCausalLM"], "tile_tag": "2D",
@@ -343,8 +342,18 @@ def tiny_raw_config() -> dict:
 _SPECIALS = [BOS, EOS, PAD, IMAGE, *GROUNDING, USER, ASSISTANT]
 
 
-def tiny_config() -> Config:
-    return Config(tiny_raw_config(), image_token_id=256 + _SPECIALS.index(IMAGE))
+def tiny_config(variant: str = "small") -> Config:
+    return Config(tiny_raw_config(variant), image_token_id=256 + _SPECIALS.index(IMAGE))
+
+
+def tiny_base_config() -> Config:
+    """The flagship's (deepseek-vl2) form: MLA, sigmoid + noaux_tc routing, renormalised, x 2.0."""
+    return tiny_config("base")
+
+
+def tiny_tiny_config() -> Config:
+    """deepseek-vl2-tiny's form: multi-head attention (use_mla false), softmax greedy routing."""
+    return tiny_config("tiny")
 
 
 def tiny_processing():

@@ -19,7 +19,7 @@ FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
     for f in (
         qwen3_moe.FAMILY, qwen2_moe.FAMILY, olmoe.FAMILY, mixtral.FAMILY, qwen3_vl_moe.TEXT_FAMILY,
-        deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3, deepseek.GLM4_MOE,
+        deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3, deepseek.GLM4_MOE, deepseek.DEEPSEEK_MHA,
         glm4v_moe.TEXT_FAMILY,
     )
 }

@@ -81,9 +81,10 @@ def _internvl35_30b_a3b_backbone():
 def _deepseek_vl2_small_backbone():
     from transformers import DeepseekV2Config
 
-    # DeepSeek-VL2-Small's language model (DeepSeek-V2 MoE, MLA attention): 64 experts top-6, 2 shared.
+    # DeepSeek-VL2-Small's language model (DeepSeek-V2 MoE, MLA attention): 64 experts top-6, 2 shared;
+    # the vocabulary of deepseek-ai/deepseek-vl2-small's language_config (129280, not DeepSeek-V2's 102400).
     return DeepseekV2Config(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        vocab_size=129280, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
         n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, topk_method="greedy",
         routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
@@ -168,6 +169,16 @@ PRESETS.update({
                   "DeepSeek-VL2 layout: 2-layer SigLIP ViT (42 px tiles, 2x2 = 4 tokens each after the 2x2 "
                   "downsampling projector, up to 2x2 local tiles) + the tiny deepseek_v2, with a byte-level "
                   "tokenizer and the official image processor config"),
+        Preset("tiny-deepseek-vl2-base", "deepseek_vl_v2", "tiny random",
+               "DeepSeek-VL2 (the flagship) layout: tiny-deepseek-vl2's vision side + a 4-layer MLA backbone "
+               "routed as the flagship (sigmoid + correction bias, noaux_tc, renormalised, x 2.0; deepseek_v3 "
+               "modules), 9 experts top-3 + 2 shared", _lazy("deepseek_vl2", "tiny_base_config"),
+               make_processing=_lazy("deepseek_vl2", "tiny_processing")),
+        Preset("tiny-deepseek-vl2-tiny", "deepseek_vl_v2", "tiny random",
+               "DeepSeek-VL2-Tiny layout: tiny-deepseek-vl2's vision side + a 4-layer multi-head-attention "
+               "DeepSeek-MoE (use_mla false; deepseek_ocr2_text modules), softmax greedy, 8 experts top-3 + 2 "
+               "shared", _lazy("deepseek_vl2", "tiny_tiny_config"),
+               make_processing=_lazy("deepseek_vl2", "tiny_processing")),
         _tiny_vlm("tiny-glm4v-moe", "glm4v_moe", "glm4v_moe",
                   "GLM-4.5V layout: 2-layer GLM ViT (4 px patches, 2x2 merge, any image size up to 48x48 px) + "
                   "a 3-layer glm4v_moe_text (first layer dense, 8 experts top-4 in 2 groups, 3D rotary), with a "
