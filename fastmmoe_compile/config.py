@@ -208,6 +208,13 @@ class SparseVLMConfig:
         _check(0.0 < self.recycle_ratio <= 1.0, f"recycle_ratio must be in (0, 1], got {self.recycle_ratio}")
         _check(0.0 < self.cluster_ratio <= 1.0, f"cluster_ratio must be in (0, 1], got {self.cluster_ratio}")
 
+    @classmethod
+    def for_model(cls, num_layers: int, **fields) -> "SparseVLMConfig":
+        """The paper's layers that a model of `num_layers` decoder layers has (at least layer
+        num_layers - 1), e.g. 2 and 6 of a 12-layer model; the benchmark's rows on shortened models."""
+        layers = [layer for layer in cls.prune_layers if layer < num_layers] or [num_layers - 1]
+        return cls(prune_layers=tuple(layers), **fields)
+
     def check_model(self, num_layers: int, top_k: int) -> None:
         bad = [layer for layer in self.prune_layers if layer >= num_layers]
         _check(not bad, f"prune_layers {bad} out of range: the model has {num_layers} decoder layers "

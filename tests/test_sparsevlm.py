@@ -92,6 +92,16 @@ def test_kernel_edge_cases():
     assert torch.equal(out, hidden)
 
 
+def test_bench_rows_beside_fastmmoe_and_fastv():
+    from fastmmoe_compile import bench
+
+    args = bench.parse_args(["--variants", "fastmmoe,fastv,sparsevlm"])
+    rows = bench.variant_configs(args, 48)  # InternVL3.5-30B-A3B's 48 layers
+    assert {f"{m}-{t}" for m in ("fastmmoe", "fastv", "sparsevlm") for t in (75, 50, 25)} <= set(rows)
+    assert rows["sparsevlm-50"] == SparseVLMConfig(prune_layers=(2, 6, 15), keep_ratio=0.5)
+    assert bench.variant_configs(args, 4)["sparsevlm-25"].prune_layers == (2,)  # the paper's layers it has
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="strictly increasing"):
         SparseVLMConfig(prune_layers=(3, 1))

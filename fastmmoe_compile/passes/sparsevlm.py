@@ -49,10 +49,11 @@ class SparseVLM(GraphPass):
                                         for i in range(3))
             merge = Merge(op, keep, hidden, new_vision)
             rewire(graph, residual, merge, vision)
-            # The next stage reads the raters of the reduced sequence (inserted after rewire, which
-            # would otherwise gather this read a second time).
-            raters = insert_call(graph, torch.ops.fastmmoe.gather_tokens.default, (raters, keep, [1]),
-                                 after=new_vision, like=residual)
+            if stage is not self.stages[-1]:
+                # The next stage reads the raters of the reduced sequence (inserted after rewire, which
+                # would otherwise gather this read a second time).
+                raters = insert_call(graph, torch.ops.fastmmoe.gather_tokens.default, (raters, keep, [1]),
+                                     after=new_vision, like=residual)
             vision = new_vision
             changes.append({"layer": stage.layer, "ratio": round(stage.ratio, 6),
                             "recycle_ratio": stage.recycle_ratio, "cluster_ratio": stage.cluster_ratio,
