@@ -38,7 +38,7 @@ def rater_flags(embeds: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
     relevance = torch.where(candidate, logits.softmax(dim=-1).mean(dim=1), 0.0)  # NaN rows (no text) dropped
     mean = relevance.sum(dim=1, keepdim=True) / candidate.sum(dim=1, keepdim=True).clamp_min(1)
     raters = candidate & (relevance > mean)
-    raters = torch.where(raters.any(dim=1, keepdim=True), raters, candidate)
+    raters = raters | (candidate & ~raters.any(dim=1, keepdim=True))  # (no bool Where: ONNX Runtime has none)
     return raters.float()
 
 
@@ -113,7 +113,7 @@ def sparsevlm_stage(hidden: torch.Tensor, scores: torch.Tensor, vision: torch.Te
     dist = (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0).sqrt() / width ** 0.5
     dist = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=device), 0.0)  # exact 0 to itself
     pair = recycled[:, :, None] & recycled[:, None, :]
-    inf = torch.tensor(float("inf"), device=device)
+    inf = float("inf")
     nearest = torch.sort(torch.where(pair, dist, inf), dim=-1).values
     within = index < c
     density = torch.exp(-torch.where(within, nearest, 0.0).square().sum(-1) / c.clamp_min(1))

@@ -119,3 +119,28 @@ def test_compat_engine_matches_eager_reference():
     _, default_program, _ = rewrite(loaded, FastMMoEConfig(**{**config.to_dict(), "authors_compat": False}))
     with torch.no_grad():
         assert default_program.module()(embeds, positions)[1].shape[1] == 8 + 16
+
+
+@pytest.mark.parametrize("strategy,method", [("hybrid", "mlerp"), ("routing", "mean"), ("attention", "mlerp")])
+def test_compat_kernel_matches_the_reference_on_random_stages(strategy, method):
+    """algorithm.merge_stage(compat=True) against the plain-Python reference_stage(compat=True), over
+    vision counts, windows and ratios where stages are skipped, partial windows merge and the
+    min(T - floor(T*mr), N - M'W) bound binds."""
+    from .reference import reference_stage
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(24):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        window = 2 + trial % 3
+        ratio, merge_ratio = [0.91, 0.6, 0.3][trial % 3], [0.05, 0.3, 0.9][(trial // 3) % 3]
+        seq = n + 6
+        hidden, probs = torch.randn(1, seq, 8, generator=g), torch.rand(1, seq, 5, generator=g).softmax(-1)
+        attn = torch.rand(1, seq, generator=g)
+        vision = torch.arange(3, 3 + n)[None]
+        flags = [3 <= i < 3 + n for i in range(seq)]
+        keep, new_hidden, _ = stage(hidden, probs, attn, vision, ratio, merge_ratio, window, strategy, method,
+                                    compat=True)
+        ref_keep, ref_hidden, _ = reference_stage(hidden[0], probs[0], attn[0], flags, ratio, merge_ratio, window, 0.5,
+                                                  strategy, method, compat=True)
+        assert keep[0].tolist() == ref_keep, (trial, n, window, ratio, merge_ratio)
+        torch.testing.assert_close(new_hidden[0], ref_hidden, atol=1e-5, rtol=1e-5)

@@ -110,3 +110,26 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="out of range"):
         SparseVLMConfig().check_model(4, 2)  # the paper's 2, 6, 15 need 16 layers
     assert [round(s.ratio, 6) for s in SparseVLMConfig(keep_ratio=0.125).stages()] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.slow
+def test_onnx_backbone_matches_the_program(tmp_path):
+    """sparsevlm_tokens decomposed into its loop-free kernel for ONNX (ops.LOOP_FREE): ONNX Runtime's
+    logits within 1e-4 of the exported program and the same kept tokens, batch 1 and 2, no vision."""
+    pytest.importorskip("onnxruntime")
+    from fastmmoe_compile.lower.onnx import export_onnx
+    from fastmmoe_compile.runtime.onnx_runtime import OrtBackbone
+
+    loaded = tiny_model("tiny-qwen3-moe")
+    _, program, _ = rewrite(loaded, CONFIG)
+    export_onnx(program, tmp_path / "backbone.onnx")
+    run = OrtBackbone(tmp_path / "backbone.onnx")
+    for i, (batch, seq, vision) in enumerate([(1, 20, range(3, 11)), (2, 33, range(5, 30)), (2, 9, range(0))]):
+        g = torch.Generator().manual_seed(i)
+        embeds = torch.randn(batch, seq, loaded.config.hidden_size, generator=g)
+        positions = torch.tensor(list(vision), dtype=torch.long).expand(batch, -1).contiguous()
+        logits, kept = run(embeds, positions)[:2]
+        with torch.no_grad():
+            expected = program.module()(embeds, positions)
+        torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=0)
+        assert torch.equal(kept, expected[1])
