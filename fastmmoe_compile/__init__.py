@@ -4,7 +4,7 @@
 """
 __version__ = "0.1.0"
 
-from .config import ConfigError, FastMMoEConfig, FastVConfig, config_preset  # noqa: E402
+from .config import ConfigError, FastMMoEConfig, FastVConfig, SparseVLMConfig, config_preset  # noqa: E402
 from .runtime import Engine, EngineFormatError, EngineInputError, PrefillResult, load_engine  # noqa: E402
 
 
@@ -17,6 +17,6 @@ def compile_model(*args, **kwargs):
 
 __all__ = [
     "ConfigError", "Engine", "EngineFormatError", "EngineInputError", "FastMMoEConfig", "FastVConfig", "PrefillResult",
-    "config_preset",
+    "SparseVLMConfig", "config_preset",
     "compile_model", "load_engine",
 ]

@@ -124,6 +124,29 @@ def vision_after_stage(num_vision, ratio_q: int):
     return a + (num_vision + big) // (big + 1) - (num_vision + big) // (big + n0 + 1)
 
 
+def _at_least_one(x):
+    """[x >= 1] for -MAX_VISION_TOKENS <= x <= MAX_VISION_TOKENS + 1, in floor divisions only (ints, SymInts)."""
+    big = MAX_VISION_TOKENS
+    return (x + big) // (big + 1)
+
+
+def compat_vision_after_stage(num_vision, ratio_q: int, merge_ratio_q: int, window: int):
+    """The vision tokens a stage leaves under the authors' released code (docs/fastmmoe.md 2.11):
+    N when N <= T or M' = min(floor(T * merge_ratio), G - 1) <= 0 (the stage is skipped), else
+    min(T - floor(T * merge_ratio), N - M' * W) + M' (the authors keep at most the tokens outside
+    merged windows; counted here as if every merged window were full, which keeps the count a
+    function of N). T as in vision_after_stage; floor divisions only, so the count is an exact
+    symbolic shape (min(a, b) = a - (a - b) [a - b >= 1])."""
+    t = vision_after_stage(num_vision, ratio_q)
+    f = (t * merge_ratio_q) // RATIO_SCALE
+    g1 = (num_vision + window - 1) // window - 1
+    m = f - (f - g1) * _at_least_one(f - g1)
+    unmerged, room = t - f, num_vision - m * window
+    kept = unmerged - (unmerged - room) * _at_least_one(unmerged - room)
+    active = _at_least_one(m) * _at_least_one(num_vision - t)
+    return num_vision + active * (kept + m - num_vision)
+
+
 def combine_scores(redundancy: torch.Tensor, attention: torch.Tensor, strategy: str, alpha: float) -> torch.Tensor:
     """docs/fastmmoe.md 2.6: a window's merge score from its routing redundancy and its (normalised) attention."""
     if strategy == "hybrid":
@@ -165,7 +188,7 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dims: list[int]) -> torch
 
 
 def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, window: int, alpha: float,
-                strategy: str, method: str):
+                strategy: str, method: str, compat: bool = False):
     """One merge/prune stage (docs/fastmmoe.md 2.1-2.9) for every sample at once: the kernel of
     fastmmoe::merge_tokens on every backend (eager, Inductor, and ONNX, which decomposes the op
     into this function). hidden [B, S, H]; probs [B, S, E], [B*S, E] or None (FastV: attention
@@ -178,30 +201,47 @@ def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, w
     of N (N' = vision_after_stage, G windows) are shapes. Selection is one stable sort: first
     tokens of the M best windows rank first, their other members last, the rest by importance
     (ties to the earlier token). tests/merge_reference.py holds the per-sample loop this is
-    checked against."""
+    checked against.
+
+    compat=True is the authors' released code (docs/fastmmoe.md 2.11): M' = min(floor(T*mr), G-1)
+    without our cap, the stage skipped when M' is 0, T - floor(T*mr) + M' tokens left, a partial last
+    window padded with the mean routing vector of all vision tokens (a one-token window scores 0 and
+    may be "merged" into itself), window attention divided by (max + 1e-10)."""
     batch, seq, width = hidden.shape
     n = vision.shape[1]
     probs = attn[..., None] if probs is None else probs.reshape(batch, seq, -1)
-    new_n = vision_after_stage(n, ratio_q)
     groups = (n + window - 1) // window
     pad = groups * window - n
     n_t = torch.ones_like(vision[0]).sum()  # N as a tensor
     target = ((n_t * ratio_q) // RATIO_SCALE).clamp_min(1)
     merged_count = torch.minimum((target * merge_ratio_q) // RATIO_SCALE, (n_t + window - 1) // window - 1)
-    merged_count = torch.minimum(merged_count, (n_t - target).clamp_min(0) // (window - 1)).clamp_min(0)
+    if compat:
+        new_n = compat_vision_after_stage(n, ratio_q, merge_ratio_q, window)
+        merged_count = torch.where(n_t > target, merged_count.clamp_min(0), 0)
+    else:
+        new_n = vision_after_stage(n, ratio_q)
+        merged_count = torch.minimum(merged_count, (n_t - target).clamp_min(0) // (window - 1)).clamp_min(0)
 
     p = torch.gather(probs, 1, vision[..., None].expand(batch, n, probs.shape[-1]))
     a = torch.gather(attn, 1, vision)
     valid = torch.nn.functional.pad(torch.ones_like(a), (0, pad)).reshape(batch, groups, window)
-    pw = torch.nn.functional.pad(p, (0, 0, 0, pad)).reshape(batch, groups, window, probs.shape[-1])
     count = valid.sum(dim=2)
-    centre = (pw * valid[..., None]).sum(dim=2) / count[..., None]
+    if compat:  # pad rows: the mean routing vector of the sample's vision tokens, part of the window centre
+        fill = p.mean(dim=1, keepdim=True).expand(batch, pad, probs.shape[-1])
+        pw = torch.cat([p, fill], 1).reshape(batch, groups, window, probs.shape[-1])
+        centre = pw.mean(dim=2)
+    else:
+        pw = torch.nn.functional.pad(p, (0, 0, 0, pad)).reshape(batch, groups, window, probs.shape[-1])
+        centre = (pw * valid[..., None]).sum(dim=2) / count[..., None]
     cos = torch.nn.functional.cosine_similarity(pw, centre[:, :, None, :].expand_as(pw), dim=-1, eps=1e-12)
     redundancy = (cos * valid).sum(dim=2) / count
     attention = (torch.nn.functional.pad(a, (0, pad)).reshape(batch, groups, window) * valid).sum(dim=2) / count
-    attention = attention / torch.cat([attention, attention.new_zeros(batch, 1)], 1).amax(1, keepdim=True).clamp_min(1e-30)
-    score = combine_scores(redundancy, attention, strategy, alpha)
-    score = score.masked_fill(count < 2, float("-inf"))
+    top = torch.cat([attention, attention.new_zeros(batch, 1)], 1).amax(1, keepdim=True)
+    attention = attention / (top + 1e-10 if compat else top.clamp_min(1e-30))
+    if compat:
+        score = combine_scores(redundancy.masked_fill(count < 2, 0.0), attention, strategy, alpha)
+    else:
+        score = combine_scores(redundancy, attention, strategy, alpha).masked_fill(count < 2, float("-inf"))
 
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     ranks = torch.arange(groups, device=hidden.device).expand(batch, groups)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import FastMMoEConfig, FastVConfig
+from .config import FastMMoEConfig, FastVConfig, SparseVLMConfig
 from .errors import ShapeOnlyModelError
 from .export import export_backbone
 from .lower.backends import Backend, get_backend, vision_backend
@@ -32,7 +32,7 @@ def step(name: str, quiet: bool = False):
         print(f"[fastmmoe] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *, dtype=None, quiet: bool = True,
+def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, *, dtype=None, quiet: bool = True,
             cache: bool = False):
     """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
     With cache=True the program also returns every layer's KV cache (export/decode.py)."""
@@ -47,7 +47,7 @@ def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, *
     return loaded, program, record
 
 
-def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | None = None, out: str | os.PathLike | None = None, *,
+def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
                   quiet: bool = False, decode: bool = True) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
@@ -162,7 +162,7 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool)
     return {"file": name}
 
 
-def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig, record: PassRecord, backend: str,
+def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | SparseVLMConfig, record: PassRecord, backend: str,
               programs: dict | None, device: str) -> dict:
     """What load_engine reads: backend, each role's program file, device and dtype, the model's facts."""
     import transformers

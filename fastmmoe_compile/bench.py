@@ -44,9 +44,10 @@ import torch
 
 from .errors import UserInputError
 
-GROUPS = ("unmodified", "topkv", "fastmmoe", "fastv")
+GROUPS = ("unmodified", "topkv", "fastmmoe", "fastv", "sparsevlm")
 KEEP_RATIOS = "0.75,0.5,0.25"
-MERGE_OPS = ("fastmmoe::merge_tokens", "fastmmoe::last_token_attention", "fastmmoe::gather_tokens")
+MERGE_OPS = ("fastmmoe::merge_tokens", "fastmmoe::last_token_attention", "fastmmoe::gather_tokens",
+             "fastmmoe::sparsevlm_raters", "fastmmoe::rater_attention", "fastmmoe::sparsevlm_tokens")
 CLONE_RANGE = "fastmmoe::router_clone"
 SDPA_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 # Real-size backbones for --device cuda, and the authors' merge settings that go with each.
@@ -76,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vision tokens, one image (default 1024 on cpu; 1792 on cuda: InternVL3.5's 6+1 tiles x 256)")
     p.add_argument("--text", type=int, default=64, help="text tokens")
     p.add_argument("--prefix", type=int, default=8, help="text tokens before the image")
-    p.add_argument("--keep-ratios", default=KEEP_RATIOS, help="vision-token retentions of fastmmoe/fastv")
+    p.add_argument("--keep-ratios", default=KEEP_RATIOS, help="vision-token retentions of fastmmoe/fastv/sparsevlm")
     p.add_argument("--fastv-layer", type=int, default=None, help="the layer FastV prunes at (default 2)")
     p.add_argument("--variants", default=",".join(GROUPS),
                    help=f"comma list of groups ({', '.join(GROUPS)}) or variant names such as fastmmoe-50; "
@@ -131,7 +132,7 @@ def _check_args(args) -> None:
     if not ratios or not all(0 < r <= 1 for r in ratios):
         raise BenchError(f"--keep-ratios must be comma-separated numbers in (0, 1], got {args.keep_ratios!r}")
     wanted = {w.strip() for w in args.variants.split(",")}
-    runs = {g for g in ("fastmmoe", "fastv") if g in wanted or any(w.startswith(g + "-") for w in wanted)}
+    runs = {g for g in ("fastmmoe", "fastv", "sparsevlm") if g in wanted or any(w.startswith(g + "-") for w in wanted)}
     if args.decode_steps is not None and args.no_decode:
         raise BenchError("--decode-steps and --no-decode: pass one of them (--decode-steps 0 also skips decode)")
     if args.profile_rows and (args.no_profile or args.device == "cuda"):
@@ -141,7 +142,7 @@ def _check_args(args) -> None:
     if args.config_preset is not None and "fastmmoe" not in runs:
         raise BenchError("--config-preset needs fastmmoe variants (--variants)")
     if args.keep_ratios != KEEP_RATIOS and not runs:
-        raise BenchError("--keep-ratios needs fastmmoe or fastv variants (--variants)")
+        raise BenchError("--keep-ratios needs fastmmoe, fastv or sparsevlm variants (--variants)")
 
 
 def device_of(args) -> torch.device:
@@ -195,7 +196,7 @@ def build_preset(p, dtype: torch.dtype, layers: int | None, device: torch.device
 
 
 def variant_configs(args, num_layers: int) -> dict:
-    from fastmmoe_compile.config import FastMMoEConfig, FastVConfig, config_preset
+    from fastmmoe_compile.config import FastMMoEConfig, FastVConfig, SparseVLMConfig, config_preset
 
     ratios = [float(r) for r in args.keep_ratios.split(",") if r]
     allv = {"unmodified": ("unmodified", FastMMoEConfig(vision_expert_ratio=1.0)),  # Kv == K: graph untouched
@@ -209,6 +210,7 @@ def variant_configs(args, num_layers: int) -> dict:
             print(f"[bench] no fastmmoe variants: {args.config_preset} merges at layers {list(cfg.merge_layers)}, "
                   f"the model has {num_layers} (pick more --layers or another --config-preset)", file=sys.stderr)
         allv[f"fastv-{tag}"] = ("fastv", FastVConfig(prune_layer=args.fastv_layer, keep_ratio=r))
+        allv[f"sparsevlm-{tag}"] = ("sparsevlm", SparseVLMConfig.for_model(num_layers, keep_ratio=r))
     wanted = {w.strip() for w in args.variants.split(",") if w.strip()} | {"unmodified"}
     unknown = wanted - set(allv) - set(GROUPS)
     if unknown:
@@ -407,6 +409,7 @@ def run(args: argparse.Namespace) -> dict:
     device = device_of(args)
     from fastmmoe_compile import flops
     from fastmmoe_compile.api import rewrite
+    from fastmmoe_compile.config import SparseVLMConfig
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     timed = timer(device)
@@ -503,7 +506,8 @@ def run(args: argparse.Namespace) -> dict:
     table = markdown_table(rows, decode)
     print(f"\n{loaded.source}: batch 1, {args.text} text + {args.vision} vision tokens, {dtype}, {device}, "
           f"{torch.get_num_threads()} threads, {args.reps} reps (medians), "
-          f"merge settings of {args.config_preset}, FastV at layer {args.fastv_layer}"
+          f"merge settings of {args.config_preset}, FastV at layer {args.fastv_layer}, SparseVLM at layers "
+          f"{list(SparseVLMConfig.for_model(num_layers).prune_layers)}"
           + (f", decode {args.decode_steps} greedy steps per rep" if decode else "") + "\n")
     print(table)
     print("\nFLOPs (G): " + ", ".join(f"{n} {reports[n].total / 1e9:.1f}" for n in configs))

@@ -25,7 +25,9 @@ import signal
 import sys
 import threading
 
-from .config import CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, config_fields, config_preset
+from .config import (
+    CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, SparseVLMConfig, config_fields, config_preset,
+)
 from .errors import UserInputError
 from .lower.backends import backend_names
 
@@ -35,15 +37,20 @@ _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-se
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
                               "(instead of --keep-ratio)"}
 # Flags of token merging: they act only where merge layers are set (--merge-layers or --preset).
-_MERGE_ONLY = ("keep_ratio", "stage_ratios", "merge_ratio", "window", "alpha", "strategy", "merge_method")
+_MERGE_ONLY = ("keep_ratio", "stage_ratios", "merge_ratio", "window", "alpha", "strategy", "merge_method",
+               "authors_compat")
+_FLAGS = {"prune_layer": "--fastv-layer", "prune_layers": "--sparsevlm-layers"}  # baseline fields, by flag
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=("fastmmoe", "fastv"), default="fastmmoe",
-                        help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio)")
+    parser.add_argument("--method", choices=("fastmmoe", "fastv", "sparsevlm"), default="fastmmoe",
+                        help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio), or the "
+                             "SparseVLM baseline (--sparsevlm-layers, --keep-ratio)")
     parser.add_argument("--preset", choices=sorted(CONFIG_PRESETS), default=None,
                         help="the authors' settings for a model (docs/fastmmoe.md section 3); explicit flags override")
     parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
+    parser.add_argument("--sparsevlm-layers", type=str, default=None,
+                        help="SparseVLM: the layers that prune, comma-separated (default: 2,6,15, the paper's)")
     group = parser.add_argument_group("FastMMoE configuration (defaults: docs/fastmmoe.md section 3)")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
@@ -51,6 +58,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=str, default=None, help=f"{_LIST_HELP[f.name]} (default: {f.default})")
         elif f.name == "vision_topk":
             group.add_argument(flag, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
+        elif f.name == "authors_compat":
+            group.add_argument(flag, action="store_const", const=True, default=None,
+                               help="the authors' released code's stage counts and window padding "
+                                    "(docs/fastmmoe.md 2.11; default: off, our semantics)")
         elif f.name in ("strategy", "merge_method"):
             choices = ("hybrid", "routing", "attention") if f.name == "strategy" else ("mlerp", "mean")
             group.add_argument(flag, choices=choices, default=None, help=f"(default: {f.default})")
@@ -59,18 +70,27 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag(field: str) -> str:
-    return "--fastv-layer" if field == "prune_layer" else "--" + field.replace("_", "-")
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _as_flags(message: str) -> str:
     """A config error names dataclass fields (keep_ratio=0); the user typed flags (--keep-ratio 0)."""
-    names = [f.name for f in config_fields()] + ["prune_layer"]
+    names = [f.name for f in config_fields()] + list(_FLAGS)
     return re.sub(rf"(?<![\w-])({'|'.join(names)})\b(=?)",
                   lambda m: _flag(m.group(1)) + (" " if m.group(2) else ""), message)
 
 
-def _config_from(args) -> FastMMoEConfig | FastVConfig:
+def _config_from(args) -> FastMMoEConfig | FastVConfig | SparseVLMConfig:
     typed = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
+    if args.method == "sparsevlm":
+        extra = [_flag(n) for n in typed if n != "keep_ratio"] + (["--preset"] if args.preset else []) \
+            + (["--fastv-layer"] if args.fastv_layer is not None else [])
+        if extra:
+            raise ConfigError(f"--method sparsevlm takes --sparsevlm-layers and --keep-ratio only, not {', '.join(extra)}")
+        layers = {} if args.sparsevlm_layers is None else {"prune_layers": args.sparsevlm_layers}
+        return SparseVLMConfig(**layers, keep_ratio=typed.get("keep_ratio", 0.5))
+    if args.sparsevlm_layers is not None:
+        raise ConfigError("--sparsevlm-layers needs --method sparsevlm")
     if args.method == "fastv":
         extra = [_flag(n) for n in typed if n != "keep_ratio"] + (["--preset"] if args.preset else [])
         if extra:
@@ -344,7 +364,7 @@ def _flops(args) -> int:
         return 0
     print(f"workload: {args.text_tokens} text + {args.vision_tokens} vision tokens, batch 1, prefill "
           f"(attention counted on the full S x S matrix)\n")
-    print("## FastMMoE\n")
+    print(f"## {dict(fastv='FastV', sparsevlm='SparseVLM').get(config.to_dict().get('method'), 'FastMMoE')}\n")
     print(fast.table())
     unit, scale = ("TFLOPs", 1e12) if base.total >= 1e12 else ("GFLOPs", 1e9)
     print(f"\nbaseline {base.total / scale:.3f} {unit} -> {fast.total / scale:.3f} {unit}: "

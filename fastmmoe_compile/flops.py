@@ -17,7 +17,10 @@ Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
   stage's own work is the `merge` part: the cloned router on the pre-stage tokens
   (2*n*H*E, FastMMoE only: FastV scores by attention alone) and the last query's score
   row (2*n*h*d_qk). The selection itself (sorts, window cosine scores, gathers) is
-  elementwise work and left out like the norms.
+  elementwise work and left out like the norms;
+- SparseVLM (docs/fastmmoe.md 5.2): the stage's `merge` part is the raters' attention over every
+  query row (2*n*n*h*d_qk, the rater rows are data-dependent), the recycling distances among the
+  stage's vision tokens (2*v*v*H), and at the first stage the raters' choice (2*V*S*H, once).
 Norms, rotary, softmax and the elementwise work are left out (negligible, per docs/fastmmoe.md).
 
 Everything is read from module shapes, so it works on meta-device models.
@@ -33,8 +36,9 @@ from typing import Sequence
 
 import torch
 
-from .config import FastMMoEConfig, FastVConfig, MergeStage
+from .config import FastMMoEConfig, FastVConfig, MergeStage, SparseVLMConfig, SparseVLMStage
 
+Config = FastMMoEConfig | FastVConfig | SparseVLMConfig  # the methods one prefill can be counted for
 PARTS = ("attn_proj", "attn_core", "router", "routed", "dense", "merge")
 
 
@@ -103,31 +107,29 @@ def _attention_dims(attn: torch.nn.Module, config) -> tuple[int, int, int]:
     return heads, int(d_qk), int(getattr(attn, "v_head_dim", None) or d_qk)
 
 
-def _stages(config: FastMMoEConfig | FastVConfig | None) -> tuple[MergeStage, ...]:
+def _stages(config: "Config | None") -> tuple[MergeStage | SparseVLMStage, ...]:
     """The token-reduction stages a config asks for (none for the unmodified model)."""
     return () if config is None else config.stages()
 
 
-def vision_schedule(config: FastMMoEConfig | FastVConfig | None, num_layers: int,
+def vision_schedule(config: "Config | None", num_layers: int,
                     num_vision: int) -> list[tuple[int, int]]:
     """Per layer (vision tokens at attention, vision tokens at the MoE block) under the
     token-reduction stages of docs/fastmmoe.md section 2 (or FastV): at stage layer l the stage runs
     after attention, so layer l's attention sees N and its MoE block and every later layer
     see min(N, max(1, floor(N*r))), computed as the graph computes it
     (algorithm.vision_after_stage on the ratio in integer units)."""
-    from .algorithm import ratio_units, vision_after_stage
-
-    ratios = {stage.layer: stage.ratio for stage in _stages(config)}
+    stages = {stage.layer: stage for stage in _stages(config)}
     n, out = num_vision, []
     for layer in range(num_layers):
         before = n
-        if layer in ratios:
-            n = vision_after_stage(n, ratio_units(ratios[layer]))
+        if layer in stages:
+            n = stages[layer].vision_after(n)  # the graph's own count (authors_compat included)
         out.append((before, n))
     return out
 
 
-def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tokens: int,
+def analytic_flops(loaded, config: "Config | None", text_tokens: int,
                    vision_tokens: int | Sequence[int] | Sequence[tuple[int, int]]) -> FlopsReport:
     """Prefill FLOPs of one sample (batch 1) with `text_tokens` text and some vision tokens.
 
@@ -146,8 +148,9 @@ def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tok
             raise ValueError(f"{len(sched)} per-layer vision counts for {num_layers} layers")
     moe = dict(family.moe_blocks(lm))
     top_k = family.top_k(cfg)
-    stages = {stage.layer: stage.use_router for stage in _stages(config)}
+    stages = {stage.layer: stage for stage in _stages(config)}
     topkv = isinstance(config, FastMMoEConfig)
+    width = lm.lm_head.in_features
     report = []
     for i, layer in enumerate(layers):
         v_attn, v_mlp = sched[i]
@@ -157,9 +160,13 @@ def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tok
                          attn_proj=_linear_flops(layer.self_attn, n_attn),
                          attn_core=2 * n_attn * n_attn * heads * (d_qk + d_v))
         block = moe.get(i)
-        if i in stages:  # the stage's last-query score row, and the router it clones
+        if isinstance(stages.get(i), SparseVLMStage):  # every query row's scores, the recycling distances
+            row.merge = 2 * n_attn * n_attn * heads * d_qk + 2 * v_attn * v_attn * width
+            if stages[i].first:  # the raters, once: vision x text relevance over the full prompt
+                row.merge += 2 * sched[0][0] * (text_tokens + sched[0][0]) * width
+        elif i in stages:  # the stage's last-query score row, and the router it clones
             row.merge = 2 * n_attn * heads * d_qk
-            if stages[i] and block is not None:
+            if stages[i].use_router and block is not None:
                 row.merge += 2 * n_attn * block.gate.weight.shape[1] * block.gate.weight.shape[0]
         if block is None:
             row.dense = _linear_flops(layer.mlp, n)
@@ -181,7 +188,7 @@ def analytic_flops(loaded, config: FastMMoEConfig | FastVConfig | None, text_tok
     return out
 
 
-def compare(loaded, config: FastMMoEConfig | FastVConfig, text_tokens: int, vision_tokens: int) -> dict:
+def compare(loaded, config: "Config", text_tokens: int, vision_tokens: int) -> dict:
     """Baseline vs FastMMoE (or FastV) totals and their ratio (baseline / reduced: the ideal speedup)."""
     base = analytic_flops(loaded, None, text_tokens, vision_tokens)
     fast = analytic_flops(loaded, config, text_tokens, vision_tokens)
@@ -203,10 +210,35 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _last_token_attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    # One query row against every key, per query head (grouped-query keys repeat).
+    return 2 * q_shape[0] * q_shape[1] * k_shape[2] * q_shape[3]
+
+
+def _sparsevlm_raters_flops(embeds_shape, vision_shape, *args, out_shape=None, **kwargs) -> int:
+    # Vision x all tokens dot products of the embeddings: [B, N, H] @ [B, H, S].
+    return 2 * embeds_shape[0] * vision_shape[1] * embeds_shape[1] * embeds_shape[2]
+
+
+def _rater_attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    # Every query row against every key, per query head.
+    return 2 * q_shape[0] * q_shape[1] * q_shape[2] * k_shape[2] * q_shape[3]
+
+
+def _sparsevlm_tokens_flops(hidden_shape, scores_shape, vision_shape, *args, out_shape=None, **kwargs) -> int:
+    # The Gram matrix of the stage's vision tokens (recycling distances): [B, N, H] @ [B, H, N].
+    return 2 * hidden_shape[0] * vision_shape[1] * vision_shape[1] * hidden_shape[2]
+
+
 def _custom_mapping() -> dict:
     # Keys are overload packets (the counter looks up func._overloadpacket); FlopCounterMode
-    # wraps the formulas so they receive shapes.
-    mapping = {torch.ops.fastmmoe.grouped_mm: _grouped_mm_flops}
+    # wraps the formulas so they receive shapes. Our ops are leaves to the counter (it does not see
+    # the matmuls inside their kernels), so each one with matmuls has its formula here.
+    mapping = {torch.ops.fastmmoe.grouped_mm: _grouped_mm_flops,
+               torch.ops.fastmmoe.last_token_attention: _last_token_attention_flops,
+               torch.ops.fastmmoe.sparsevlm_raters: _sparsevlm_raters_flops,
+               torch.ops.fastmmoe.rater_attention: _rater_attention_flops,
+               torch.ops.fastmmoe.sparsevlm_tokens: _sparsevlm_tokens_flops}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
     return mapping

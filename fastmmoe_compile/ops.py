@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import algorithm
+from . import algorithm, sparsevlm_math
 
 
 @torch.library.custom_op("fastmmoe::grouped_mm", mutates_args=())
@@ -82,21 +82,22 @@ def _(q, k, mask, scale):
 
 @torch.library.custom_op("fastmmoe::merge_tokens", mutates_args=())
 def merge_tokens(hidden: torch.Tensor, probs: torch.Tensor | None, attn: torch.Tensor, vision_positions: torch.Tensor,
-                 ratio_q: int, merge_ratio_q: int, window: int, alpha: float, strategy: str, method: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ratio_q: int, merge_ratio_q: int, window: int, alpha: float, strategy: str, method: str,
+                 compat: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One merge/prune stage for every sample: (keep [B, S'], hidden [B, S', H], vision [B, N'])."""
     if vision_positions.shape[1] > algorithm.MAX_VISION_TOKENS:  # vision_after_stage is exact below it
         raise ValueError(f"more than {algorithm.MAX_VISION_TOKENS} vision tokens in one sample")
     outs = algorithm.merge_stage(hidden, probs, attn, vision_positions, ratio_q=ratio_q, merge_ratio_q=merge_ratio_q,
-                                 window=window, alpha=alpha, strategy=strategy, method=method)
+                                 window=window, alpha=alpha, strategy=strategy, method=method, compat=compat)
     return tuple(t.contiguous() for t in outs)
 
 
 @merge_tokens.register_fake
-def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alpha, strategy, method):
+def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alpha, strategy, method, compat=False):
     batch, seq, width = hidden.shape
     n = vision_positions.shape[1]
-    new_n = algorithm.vision_after_stage(n, ratio_q)
+    new_n = (algorithm.compat_vision_after_stage(n, ratio_q, merge_ratio_q, window) if compat
+             else algorithm.vision_after_stage(n, ratio_q))
     new_seq = seq - n + new_n
     return (vision_positions.new_empty(batch, new_seq), hidden.new_empty(batch, new_seq, width),
             vision_positions.new_empty(batch, new_n))
@@ -116,13 +117,66 @@ def _(x, keep, dims):
     return x.new_empty(shape)
 
 
-# Used by lower/ to turn the small ops into aten before Inductor sees them. merge_tokens
-# stays one opaque op for Inductor (the onnx lowering decomposes it into algorithm.merge_stage).
+# --- SparseVLM (docs/fastmmoe.md 5.2; sparsevlm_math) ------------------------------------
+
+@torch.library.custom_op("fastmmoe::sparsevlm_raters", mutates_args=())
+def sparsevlm_raters(embeds: torch.Tensor, vision_positions: torch.Tensor) -> torch.Tensor:
+    """[B, S] float32, 1.0 at the text raters (sparsevlm_math.rater_flags)."""
+    return sparsevlm_math.rater_flags(embeds, vision_positions)
+
+
+@sparsevlm_raters.register_fake
+def _(embeds, vision_positions):
+    return embeds.new_empty(embeds.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmmoe::rater_attention", mutates_args=())
+def rater_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+                    raters: torch.Tensor) -> torch.Tensor:
+    """[B, S]: every key's attention from the raters, averaged over heads and raters (the layer's own q, k)."""
+    return sparsevlm_math.rater_attention(q, k, mask, scale, raters)
+
+
+@rater_attention.register_fake
+def _(q, k, mask, scale, raters):
+    return q.new_empty(q.shape[0], k.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmmoe::sparsevlm_tokens", mutates_args=())
+def sparsevlm_tokens(hidden: torch.Tensor, scores: torch.Tensor, vision_positions: torch.Tensor, ratio_q: int,
+                     recycle_q: int, cluster_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SparseVLM stage for every sample: (keep [B, S'], hidden [B, S', H], vision [B, N'])."""
+    if vision_positions.shape[1] > algorithm.MAX_VISION_TOKENS:  # vision_after_stage is exact below it
+        raise ValueError(f"more than {algorithm.MAX_VISION_TOKENS} vision tokens in one sample")
+    outs = sparsevlm_math.sparsevlm_stage(hidden, scores, vision_positions, ratio_q, recycle_q, cluster_q)
+    return tuple(t.contiguous() for t in outs)
+
+
+@sparsevlm_tokens.register_fake
+def _(hidden, scores, vision_positions, ratio_q, recycle_q, cluster_q):
+    batch, seq, width = hidden.shape
+    n = vision_positions.shape[1]
+    new_n = algorithm.vision_after_stage(n, ratio_q)
+    new_seq = seq - n + new_n
+    return (vision_positions.new_empty(batch, new_seq), hidden.new_empty(batch, new_seq, width),
+            vision_positions.new_empty(batch, new_n))
+
+
+# Used by lower/ to turn the small ops into aten before Inductor sees them. merge_tokens and
+# sparsevlm_tokens stay opaque ops for Inductor (the onnx lowering decomposes them: LOOP_FREE).
 DECOMPOSITIONS = {
     torch.ops.fastmmoe.route_pairs.default: algorithm.all_pairs,
     torch.ops.fastmmoe.route_pairs_topkv.default: algorithm.modality_pairs,
     torch.ops.fastmmoe.last_token_attention.default: algorithm.last_token_attention,
     torch.ops.fastmmoe.gather_tokens.default: algorithm.gather_tokens,
+    torch.ops.fastmmoe.sparsevlm_raters.default: sparsevlm_math.rater_flags,
+    torch.ops.fastmmoe.rater_attention.default: sparsevlm_math.rater_attention,
+}
+
+# The loop-free kernels of the two selection ops, which the onnx lowering traces into the graph.
+LOOP_FREE = {
+    torch.ops.fastmmoe.merge_tokens.default: algorithm.merge_stage,
+    torch.ops.fastmmoe.sparsevlm_tokens.default: sparsevlm_math.sparsevlm_stage,
 }
 
 # Ops the pair-counting instrumentation and FLOPs counter treat as expert GEMMs.

@@ -89,39 +89,52 @@ def router_probabilities(lm, layer, normed: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if lm.config.model_type in sigmoid else logits.softmax(dim=-1)
 
 
-def reference_stage(h, p, a, vision: list[bool], ratio, merge_ratio, window, alpha, strategy, method):
+def reference_stage(h, p, a, vision: list[bool], ratio, merge_ratio, window, alpha, strategy, method,
+                    compat: bool = False):
     """One stage on one sample, in plain Python over token indices.
-    h [S, H], p [S, E], a [S]. Returns (kept indices, new h, new vision flags)."""
+    h [S, H], p [S, E], a [S]. Returns (kept indices, new h, new vision flags).
+    compat: the authors' released code (docs/fastmmoe.md 2.11), written from its description there."""
     vis = [i for i, v in enumerate(vision) if v]
     n = len(vis)
     target = max(1, math.floor(n * ratio))
     if n <= target:
         return list(range(len(vision))), h, vision
     windows = [vis[g * window:(g + 1) * window] for g in range(math.ceil(n / window))]
+    wanted = math.floor(target * merge_ratio)
+    m = min(wanted, len(windows) - 1)
+    if compat and m <= 0:
+        return list(range(len(vision))), h, vision  # the authors skip the whole stage
 
     def cos(x, y):
         return float(torch.dot(x, y) / (x.norm() * y.norm()))
 
+    global_mean = torch.stack([p[i] for i in vis]).mean(dim=0)
     s, att = [], []
     for w in windows:
-        centre = torch.stack([p[i] for i in w]).mean(dim=0)
-        s.append(sum(cos(p[i], centre) for i in w) / len(w))
+        rows = [p[i] for i in w]
+        if compat:  # a short window is filled up with copies of the mean routing vector of all vision tokens
+            rows += [global_mean] * (window - len(w))
+        centre = torch.stack(rows).mean(dim=0)
+        s.append(0.0 if compat and len(w) < 2 else sum(cos(p[i], centre) for i in w) / len(w))
         att.append(sum(float(a[i]) for i in w) / len(w))
     top = max(att)
-    att = [x / top for x in att]
+    att = [x / (top + 1e-10) if compat else x / top for x in att]
     if strategy == "hybrid":
         c = [alpha * s[g] - (1 - alpha) * att[g] for g in range(len(windows))]
     elif strategy == "routing":
         c = s
     else:
         c = [-x for x in att]
-    m = min(math.floor(target * merge_ratio), len(windows) - 1)
-    eligible = [g for g in sorted(range(len(windows)), key=lambda g: (-c[g], g)) if len(windows[g]) >= 2]
+    ranked = sorted(range(len(windows)), key=lambda g: (-c[g], g))
+    eligible = ranked if compat else [g for g in ranked if len(windows[g]) >= 2]
     merged = sorted(eligible[:m])
     in_merged = {i for g in merged for i in windows[g]}
     rest = [i for i in vis if i not in in_merged]
     importance = {i: (float(p[i].norm()) if strategy == "routing" else float(a[i])) for i in rest}
-    kept_rest = sorted(rest, key=lambda i: (-importance[i], i))[: target - m]
+    # Unmerged tokens kept: T - M; the authors' T - floor(T*mr), at most the tokens outside merged
+    # windows, counted as if every merged window were full (docs/fastmmoe.md 2.11).
+    keep_count = min(target - wanted, n - m * window) if compat else target - m
+    kept_rest = sorted(rest, key=lambda i: (-importance[i], i))[:keep_count]
     firsts = {windows[g][0]: windows[g] for g in merged}
     keep = sorted([i for i, v in enumerate(vision) if not v] + kept_rest + list(firsts))
     rows = []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmmoe_compile import FastMMoEConfig, compile_model, load_engine
+from fastmmoe_compile import FastMMoEConfig, compile_model
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.runtime.engine import EngineInputError, EngineInputTypeError
 from fastmmoe_compile.runtime.generate import DecodeUnavailableError

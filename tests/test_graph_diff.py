@@ -5,7 +5,7 @@ import pytest
 
 from fastmmoe_compile import FastMMoEConfig
 from fastmmoe_compile.api import rewrite
-from fastmmoe_compile.config import FastVConfig
+from fastmmoe_compile.config import FastVConfig, SparseVLMConfig
 
 from .conftest import tiny_model
 
@@ -20,6 +20,7 @@ CASES = {
         vision_expert_ratio=1.0, merge_layers=(2,), keep_ratio=0.25, strategy="routing", merge_method="mean")),
     "fastv-tiny-qwen3-moe": ("tiny-qwen3-moe", FastVConfig(prune_layer=2, keep_ratio=0.5)),
     "fastv-tiny-glm4-moe": ("tiny-glm4-moe", FastVConfig(prune_layer=1, keep_ratio=0.25)),
+    "sparsevlm-tiny-qwen3-moe": ("tiny-qwen3-moe", SparseVLMConfig(prune_layers=(1, 3), keep_ratio=0.25)),
 }
 
 

@@ -1,8 +1,8 @@
 """Lowering to ONNX, run by ONNX Runtime.
 
 `torch.onnx.export(..., dynamo=True)` translates the rewritten program once our ops are
-decomposed to aten: the routing ops as for Inductor, and merge_tokens as
-algorithm.merge_stage (its kernel, loop-free). Two translations are ours:
+decomposed to aten: the routing ops as for Inductor, and merge_tokens / sparsevlm_tokens as
+their loop-free kernels (ops.LOOP_FREE). Two translations are ours:
 - `fastmmoe::grouped_mm` becomes a call to a model-local ONNX function of the same name:
   a Loop over the experts that have rows, which slices each one's rows out of the
   expert-sorted pair list (by the offsets) and multiplies them by that expert's matrix. It
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from .. import algorithm, ops
+from .. import ops
 from ..errors import UnsupportedModelError, UserInputError
 from .complex_real import real_valued
 
@@ -153,7 +153,7 @@ def _quiet_loggers(*names: str):
 def _decompose(program: ExportedProgram) -> ExportedProgram:
     """Inductor's decompositions, plus merge_tokens as its loop-free form (ONNX cannot call back into
     Python). The export-time guards stay the contract, as in lower.inductor.decompose."""
-    table = {**ops.DECOMPOSITIONS, torch.ops.fastmmoe.merge_tokens.default: algorithm.merge_stage}
+    table = {**ops.DECOMPOSITIONS, **ops.LOOP_FREE}
     decomposed = program.run_decompositions(table)
     decomposed._guards_code = list(program._guards_code)
     return decomposed

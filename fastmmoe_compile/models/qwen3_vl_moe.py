@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.frontends.qwen3_vl_moe import IMAGE_PAD, IMAGE_RUN, INPUT_SPECS, ROPE_POSITIONS, VISION_END, VISION_START
+from ..runtime.frontends.qwen3_vl_moe import IMAGE_PAD, INPUT_SPECS, ROPE_POSITIONS, VISION_END, VISION_START
 from ..runtime.frontends.qwen3_vl_moe import Qwen3VLFrontEnd
 from ..runtime.frontends.qwen3_vl_moe import grid_tables  # noqa: F401  (re-exported)
 from . import grid_vlm

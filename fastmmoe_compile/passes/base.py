@@ -61,10 +61,15 @@ def insert_call(graph: torch.fx.Graph, op, args=(), settings: dict | None = None
     arguments, as torch.export writes them, so the graph diff and saved programs read as before."""
     args = tuple(args)
     if settings:
-        names = [a.name for a in op._schema.arguments][len(args):]
-        if set(settings) != set(names):
+        schema = op._schema.arguments[len(args):]
+        names = [a.name for a in schema]
+        required = {a.name for a in schema if not a.has_default_value()}
+        if not required <= set(settings) <= set(names):
             raise TypeError(f"{op}: settings {sorted(settings)} do not match the schema's {names}")
-        args += tuple(settings[n] for n in names)
+        # Arguments left out keep their defaults; trailing ones are not written at all, so a graph that
+        # does not use an optional setting reads as it did before the setting existed.
+        last = max(i for i, n in enumerate(names) if n in settings)
+        args += tuple(settings[n] if n in settings else schema[i].default_value for i, n in enumerate(names[:last + 1]))
     with graph.inserting_before(before) if before is not None else graph.inserting_after(after):
         node = graph.call_function(op, args)
     node.meta = {k: v for k, v in like.meta.items() if k in COPIED_META} if like is not None else {}

@@ -83,12 +83,15 @@ def _stage_names(program, names) -> list[tuple[str, str]]:
     defs = []
     previous_n = "N"
     for node in program.graph.nodes:
-        if node.target is torch.ops.fastmmoe.merge_tokens.default:
+        if node.target in (torch.ops.fastmmoe.merge_tokens.default, torch.ops.fastmmoe.sparsevlm_tokens.default):
             keep, _, vision = node.meta["val"]
             i = len(defs) // 2 + 1
             ratio = _argument(node, "ratio_q") / algorithm.RATIO_SCALE
             n_label, s_label = f"N{i}", f"S{i}"
-            defs.append((n_label, f"min({previous_n}, max(1, floor({previous_n} * {ratio:g})))"))
+            if node.target is torch.ops.fastmmoe.merge_tokens.default and len(node.args) > 10 and node.args[10]:
+                defs.append((n_label, f"the authors' count of {previous_n} at r = {ratio:g} (docs/fastmmoe.md 2.11)"))
+            else:
+                defs.append((n_label, f"min({previous_n}, max(1, floor({previous_n} * {ratio:g})))"))
             before_s = _shape_dim(node.args[0].meta["val"].shape[1], names)
             defs.append((s_label, f"{before_s} - {previous_n} + {n_label}"))
             for label, dim in ((n_label, vision.shape[1]), (s_label, keep.shape[1])):

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 
 from torch.export import ExportedProgram
 
-from ..config import FastMMoEConfig, FastVConfig
+from ..config import FastMMoEConfig, FastVConfig, SparseVLMConfig
 from .base import GraphPass
 from .diff import diff, summarize
 from .modality_topk import ModalityTopK
+from .sparsevlm import SparseVLM
 from .token_reduction import TokenReduction
 
 
@@ -21,16 +22,18 @@ class PassRecord:
         return {"passes": self.passes, "graph_diff": self.graph_diff}
 
 
-def build_passes(config: FastMMoEConfig | FastVConfig) -> list[GraphPass]:
+def build_passes(config: FastMMoEConfig | FastVConfig | SparseVLMConfig) -> list[GraphPass]:
     if isinstance(config, FastVConfig):
         return [TokenReduction(config.stages(), name="fastv")]
+    if isinstance(config, SparseVLMConfig):
+        return [SparseVLM(config.stages())]
     passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv)]
     if config.stages():
         passes.append(TokenReduction(config.stages(), name="routing_merge"))
     return passes
 
 
-def apply_passes(program: ExportedProgram, config: FastMMoEConfig | FastVConfig) -> tuple[ExportedProgram, PassRecord]:
+def apply_passes(program: ExportedProgram, config: FastMMoEConfig | FastVConfig | SparseVLMConfig) -> tuple[ExportedProgram, PassRecord]:
     before = summarize(program)
     records = []
     for p in build_passes(config):
