@@ -273,6 +273,7 @@ def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, w
     window_at = torch.zeros_like(kept).scatter(1, vision, token_window.expand(batch, n))
     slot_first = torch.gather(first_at, 1, keep).bool()
     slot_merged = torch.gather(mean, 1, torch.gather(window_at, 1, keep)[..., None].expand(batch, keep.shape[1], width))
-    new_hidden = torch.where(slot_first[..., None], slot_merged, new_hidden)
+    # The means are taken in the scores' dtype (fp32 for a bf16 model); the stream keeps its own.
+    new_hidden = torch.where(slot_first[..., None], slot_merged.to(hidden.dtype), new_hidden)
     new_vision = torch.gather(kept.cumsum(dim=1) - 1, 1, survivors)
     return keep, new_hidden, new_vision

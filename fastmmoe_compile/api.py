@@ -18,6 +18,7 @@ from .lower.backends import Backend, get_backend, vision_backend
 from .models import LoadedModel, load_model
 from .models.registry import check_model_name
 from .passes import PassRecord, apply_passes
+from .runtime.device import DEFAULT_DTYPE, DeviceError, on_device, require_device
 from .runtime.engine import EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, check_out, current_umask, write_manifest
 
@@ -32,13 +33,14 @@ def step(name: str, quiet: bool = False):
         print(f"[fastmmoe] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, *, dtype=None, quiet: bool = True,
-            cache: bool = False):
+def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, *, dtype=None,
+            quiet: bool = True, cache: bool = False, device=None):
     """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
-    With cache=True the program also returns every layer's KV cache (export/decode.py)."""
+    With cache=True the program also returns every layer's KV cache (export/decode.py).
+    device: where the weights go (load_model); the program is exported there."""
     config = config or FastMMoEConfig()
     with step("load", quiet), _users_model_kept(model_or_path):
-        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype)
+        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype, device)
     config.check_model(loaded.family.num_layers(loaded.config), loaded.family.top_k(loaded.config))
     with step("export", quiet):
         program = export_backbone(loaded, cache=cache)
@@ -49,11 +51,18 @@ def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfi
 
 def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
-                  quiet: bool = False, decode: bool = True) -> Engine:
+                  quiet: bool = False, decode: bool = True, device: str | torch.device | None = None) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
     without, return an engine compiled in this process with torch.compile.
-    decode=True also compiles the one-token decode step, for generate."""
+    decode=True also compiles the one-token decode step, for generate.
+    device: "cpu" or "cuda" (None: an in-memory model's own device, else the CPU); the engine runs
+    there and the manifest records it. dtype None: bfloat16 on cuda, the checkpoint's on the CPU
+    (float32 for random presets). runtime.device.DeviceError, before any work, for a device this
+    machine lacks or one the backend cannot target."""
     backend = get_backend(backend)  # an unknown name, or one that cannot run here: before the minutes of export
+    device = target_device(model_or_path, device, backend.name)
+    if dtype is None and not isinstance(model_or_path, (torch.nn.Module, LoadedModel)):
+        dtype = DEFAULT_DTYPE[device]
     # Say what is wrong before the minutes of loading and exporting: a mistyped model name, an
     # --out that exists and is no engine, or one that cannot be written.
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -62,7 +71,7 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
         check_out(out, overwrite)
     config = config or FastMMoEConfig()
     with _users_model_kept(model_or_path):
-        return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode)
+        return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode, device)
 
 
 @contextlib.contextmanager
@@ -78,14 +87,35 @@ def _users_model_kept(model_or_path):
         yield
 
 
-def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, quiet, decode) -> Engine:
-    loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode)
+def target_device(model_or_path, device, backend: str = "inductor") -> str:
+    """"cpu" or "cuda": `device`, or where an in-memory model is (None). DeviceError where this
+    machine lacks it, or the backend cannot target it."""
+    if device is None:
+        param = _first_parameter(model_or_path)
+        device = "cpu" if param is None or param.device.type == "meta" else param.device
+    name = require_device(device)
+    if name == "cuda" and backend == "onnx":
+        raise DeviceError("--backend onnx runs on the CPU (onnxruntime; onnxruntime-gpu is not supported): "
+                          "use --backend inductor or export for --device cuda")
+    return name
+
+
+def _first_parameter(model_or_path):
+    module = model_or_path.lm if isinstance(model_or_path, LoadedModel) else model_or_path
+    if isinstance(module, torch.nn.Module):
+        return next(module.parameters(), None)
+    return None
+
+
+def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, quiet, decode, device="cpu") -> Engine:
+    loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode, device=device)
     if loaded.on_meta:
         raise ShapeOnlyModelError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
-    embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
+    # The token-embedding table stays on the host (runtime/device.py): prompts are embedded there.
+    embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach().cpu()
     if out is None:
-        return _in_process(loaded, program, backend, config, record, embeddings, quiet, decode)
+        return _in_process(loaded, program, backend, config, record, embeddings, quiet, decode, device)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet)}
         if loaded.vision is not None:
@@ -99,28 +129,29 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
             save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
             _as_plain_file(tmp / EMBEDDINGS_FILE)
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
-            manifest = _manifest(loaded, config, record, backend.name, programs, embeddings.device.type)
+            manifest = _manifest(loaded, config, record, backend.name, programs, device)
             write_manifest(tmp, {**manifest, "embeddings": {"file": EMBEDDINGS_FILE}})
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
     return load_engine(out)
 
 
-def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode) -> Engine:
+def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode, device="cpu") -> Engine:
     """An engine whose programs are built in this process by `backend` (torch.compile, ONNX Runtime, eager)."""
     with step(f"lower ({backend.in_process_label})", quiet):
-        fn = backend.in_process(program, "backbone")
+        fn = on_device(backend.in_process(program, "backbone"), device)
     front_end = None
     if loaded.vision is not None:
         from .export.vision import export_vision
         from .runtime.multimodal import FrontEnd
 
         with step("export vision encoder", quiet):
-            encoder = vision_backend(backend).in_process(export_vision(loaded), "vision")
+            encoder = on_device(vision_backend(backend).in_process(export_vision(loaded), "vision"), device,
+                                outputs_to_host=True)
         v = loaded.vision
         front_end = FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
-    step_fn = backend.in_process(_export_decode(loaded, quiet), "decode") if decode else None
-    manifest = _manifest(loaded, config, record, backend.name, None, embeddings.device.type)
+    step_fn = on_device(backend.in_process(_export_decode(loaded, quiet), "decode") if decode else None, device)
+    manifest = _manifest(loaded, config, record, backend.name, None, device)
     return Engine(lambda *a: tuple(fn(*a)), loaded.describe(), embeddings, manifest,
                   front_end=front_end, decode_step=step_fn)
 

@@ -167,8 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=backend_names(), default="inductor",
                    help="inductor: AOTInductor package (default); export: the rewritten ExportedProgram, run eagerly; "
                         "onnx: an ONNX model run by ONNX Runtime (the onnx extra); tensorrt: not built yet")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the engine runs: cpu (default) or cuda (weights loaded straight to the GPU; "
+                        "fails before any work without one)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: the checkpoint's; float32 for random presets)")
+                   help="weights dtype (default: bfloat16 on cuda; on cpu the checkpoint's, float32 for random presets)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-decode", action="store_true",
                    help="prefill only: skip the decode program (faster compile; generate is then unavailable)")
@@ -281,7 +284,7 @@ def _compile(args) -> int:
     config = _config_from(args)
     with _sigterm_unwinds():
         compile_model(args.model, config, args.out, backend=args.backend, dtype=_dtype(args.dtype),
-                      overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode)
+                      overwrite=args.overwrite, quiet=args.quiet, decode=not args.no_decode, device=args.device)
     return 0
 
 

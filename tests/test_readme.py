@@ -20,6 +20,7 @@ _spec.loader.exec_module(readme_blocks)
 # Blocks this test does not run, by section: each one's reason.
 NOT_RUN = {
     readme_blocks.SETUP_SECTION: "the set-up itself: .ci/run runs it in a fresh environment",
+    "GPU check": "a download here and a command for a GPU machine (no GPU in CI)",
     "Evaluation with lmms-eval": "an install line and lmms-eval's own CLI, which downloads its datasets (no network)",
 }
 

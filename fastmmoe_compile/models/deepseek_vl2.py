@@ -281,24 +281,26 @@ class DeepseekVL2Family(DeepseekVL2FrontEnd, VLMFamily):
                     bias.normal_(0.0, 0.1)
         return model.to(dtype or torch.float32)
 
-    def load_checkpoint(self, path: str, dtype):
-        from safetensors.torch import load_file
+    def load_checkpoint(self, path: str, dtype, device=None):
+        """Built with its parameters on meta, then the checkpoint's tensors read straight into
+        `dtype` on `device` and assigned (models/loading.py): one copy of the weights, no fp32 detour."""
+        from .loading import materialize_buffers, parameters_on_meta, read_safetensors, still_on_meta
 
         path = Path(path)
         config = Config(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path} has no *.safetensors weights")
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        model = DeepseekVL2(config)
-        missing, unexpected = model.load_state_dict(from_official(state), strict=False, assign=True)
+        with parameters_on_meta():
+            model = DeepseekVL2(config)
+        missing, unexpected = model.load_state_dict(from_official(read_safetensors(files, dtype, device)),
+                                                    strict=False, assign=True)
         missing = [m for m in missing if not m.endswith("position_ids")]
-        if missing or unexpected:
-            raise UnsupportedModelError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if dtype is not None:
-            model = model.to(dtype)
+        unset = [n for n in still_on_meta(model) if n not in missing]
+        if missing or unexpected or unset:
+            raise UnsupportedModelError(f"{path}: weights do not match the config: missing {(missing + unset)[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        materialize_buffers(model, dtype, device)
         try:
             tokenizer, processor = self.load_processing(path)
         except (OSError, ValueError):

@@ -14,15 +14,25 @@ from .presets import PRESETS
 from .vlm import VLMFamily
 
 
-def load_model(model_or_path, dtype: torch.dtype | None = None) -> LoadedModel:
-    """A PreTrainedModel, a preset name, a local checkpoint directory, or a hub id."""
+def load_model(model_or_path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+               ) -> LoadedModel:
+    """A PreTrainedModel, a preset name, a local checkpoint directory, or a hub id, with its
+    weights in `dtype` on `device` (None: the checkpoint's dtype, the CPU). Checkpoints load
+    straight to the device and dtype (transformers' meta initialisation and device_map; the
+    DeepSeek-VL2 adapter likewise): never a full fp32 copy on the host first. Random presets are
+    built on the CPU (the same seed gives the same weights on every device) and then moved."""
     from transformers import PreTrainedModel
 
+    device = None if device is None else torch.device(device)
     if isinstance(model_or_path, PreTrainedModel):
-        own = next(model_or_path.parameters()).dtype
+        param = next(model_or_path.parameters())
+        own = param.dtype
         if dtype is not None and dtype != own:  # .to() would convert the user's object in place
             raise ValueError(f"dtype={dtype} for an in-memory {own} model: convert it first (model.to({dtype})); "
                              "the compiler does not change the model object it is given")
+        if device is not None and device.type != param.device.type:
+            raise ValueError(f"device={device.type!r} for an in-memory model on {param.device.type}: move it first "
+                             f"(model.to({device.type!r})); the compiler does not change the model object it is given")
         if getattr(model_or_path.config, "model_type", None) in VLM_FAMILIES:
             return load_vlm(model_or_path, "<in-memory model>")
         lm = model_or_path
@@ -33,9 +43,12 @@ def load_model(model_or_path, dtype: torch.dtype | None = None) -> LoadedModel:
         raise TypeError(f"expected a PreTrainedModel, a path, a hub id or a preset name, got {type(model_or_path)}")
     name = os.fspath(model_or_path)
     if name in PRESETS:
-        return PRESETS[name].build(dtype=dtype)
+        loaded = PRESETS[name].build(dtype=dtype)
+        if device is not None and not loaded.on_meta:
+            (loaded.vision.model if loaded.vision is not None else loaded.lm).to(device)
+        return loaded
     check_model_name(name)
-    return _from_pretrained(name, dtype)
+    return _from_pretrained(name, dtype, device)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -64,12 +77,17 @@ def check_model_name(name: str) -> None:
                          "a hub model is org/name, a checkpoint a directory)")
 
 
-def _from_pretrained(name: str, dtype) -> LoadedModel:
+def _placement(device) -> dict:
+    """from_pretrained's keywords for `device`: device_map puts each weight there as it is read."""
+    return {} if device is None or device.type == "cpu" else {"device_map": str(device)}
+
+
+def _from_pretrained(name: str, dtype, device=None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     own = _own_format(name)
     if own is not None:  # a VLM transformers cannot load: its adapter reads the official layout
-        model, tokenizer, image_processor = own.load_checkpoint(name, dtype)
+        model, tokenizer, image_processor = own.load_checkpoint(name, dtype, device=device)
         return load_vlm(model, name, tokenizer, image_processor)
     try:
         config = AutoConfig.from_pretrained(name)
@@ -78,9 +96,10 @@ def _from_pretrained(name: str, dtype) -> LoadedModel:
         raise FileNotFoundError(f"could not load a config for {name!r} from the hub (no such model, or the hub "
                                 f"is not reachable): {reason}") from e
     if config.model_type in VLM_FAMILIES:
-        return _vlm_from_pretrained(name, config, dtype)
+        return _vlm_from_pretrained(name, config, dtype, device)
     family = family_for(config)  # fail before reading any weights
-    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
+    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
+                                              **_placement(device))
     _check_causal_lm(lm)
     return LoadedModel(lm, family, name)
 
@@ -107,11 +126,12 @@ def _check_causal_lm(lm) -> None:
         )
 
 
-def _vlm_from_pretrained(name: str, config, dtype) -> LoadedModel:
+def _vlm_from_pretrained(name: str, config, dtype, device=None) -> LoadedModel:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     family_for(VLM_FAMILIES[config.model_type].text_config(config))  # fail before reading any weights
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
+                                                        **_placement(device))
     # The engine carries the input side; a checkpoint without it still exports, diffs and counts FLOPs.
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

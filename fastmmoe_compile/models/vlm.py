@@ -48,8 +48,9 @@ class VLMFamily(FrontEndFamily):
         config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
         return AutoModelForImageTextToText.from_config(config, dtype=dtype)
 
-    def load_checkpoint(self, path: str, dtype) -> tuple:
-        """Non-native families: a checkpoint dir -> (model, tokenizer or None, image processor or None)."""
+    def load_checkpoint(self, path: str, dtype, device=None) -> tuple:
+        """Non-native families: a checkpoint dir -> (model, tokenizer or None, image processor or None),
+        its weights read straight into `dtype` on `device` (None: the checkpoint's, the CPU)."""
         raise NotImplementedError
 
     # --- model side --------------------------------------------------------------

@@ -52,6 +52,11 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.info["dtype"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the programs run (manifest["device"]); prefill logits and the KV cache live there."""
+        return torch.device(self.manifest.get("device", "cpu"))
+
     def embed(self, input_ids) -> torch.Tensor:
         """Token ids [B, S] (or [S]) -> their embeddings [B, S, H] (or [S, H])."""
         ids = inputs.token_ids(self, "input_ids", input_ids, "[B, S] (or [S])", (1, 2))
@@ -167,20 +172,28 @@ def _prompts_given(images, prompts, *tensor_inputs) -> bool:
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # the floating dtypes an engine's weights may have
 
 
-def load_engine(path: str | os.PathLike, verify_hashes: bool = True) -> Engine:
-    """Load an engine directory written by compile_model / `fastmmoe-compile MODEL --out DIR`."""
+def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str | torch.device | None = None
+                ) -> Engine:
+    """Load an engine directory written by compile_model / `fastmmoe-compile MODEL --out DIR`.
+    device: "cpu" or "cuda", which must be the one it was compiled for (None: that one);
+    runtime.device.DeviceError otherwise, or where this machine lacks it."""
+    from .device import engine_device, on_device
     from .multimodal import load_front_end
 
     path = Path(path)
     manifest = read_manifest(path, verify_hashes=verify_hashes)
     check_manifest(path, manifest)
+    device = engine_device(path, manifest.get("device"), device)  # before loading any program
     programs = manifest["programs"]
     embeddings = None
     if manifest.get("embeddings"):
         embeddings = _load_embeddings(path, manifest["embeddings"]["file"], manifest["model"]["hidden_size"])
-    return Engine(_as_tuple(load_role(path, manifest, "backbone")), manifest["model"], embeddings, manifest, path,
-                  front_end=load_front_end(path, manifest),
-                  decode_step=load_role(path, manifest, "decode") if "decode" in programs else None)
+    front_end = load_front_end(path, manifest)
+    if front_end is not None:
+        front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
+    decode = load_role(path, manifest, "decode") if "decode" in programs else None
+    return Engine(_as_tuple(on_device(load_role(path, manifest, "backbone"), device)), manifest["model"], embeddings,
+                  manifest, path, front_end=front_end, decode_step=on_device(decode, device))
 
 
 def _field_error(path: Path, field: str, value, expected: str) -> EngineFormatError:

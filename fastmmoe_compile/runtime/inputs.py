@@ -130,7 +130,7 @@ def token_ids(engine, name: str, x, shape: str, dims: tuple[int, ...]) -> torch.
     low, high = int(x.min()), int(x.max())
     if low < 0 or high >= vocab:
         raise EngineInputError(f"{name} must be in [0, {vocab}) (the vocabulary), got ids from {low} to {high}")
-    return x.to(torch.long)
+    return x.to(device=engine.embeddings.device, dtype=torch.long)  # greedy's ids come from a CUDA engine's logits
 
 
 def embeddings(engine, name: str, x, shape: str, dims: int) -> torch.Tensor:
