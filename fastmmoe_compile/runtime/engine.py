@@ -126,8 +126,11 @@ class Engine:
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
                  rope_positions=None, deepstack=None, max_new_tokens: int = 16, eos_token_id=None,
-                 stream: bool = False, images=None, prompts=None, chat: bool = True):
-        """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
+                 stream: bool = False, images=None, prompts=None, chat: bool = True, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None):
+        """Greedy generation, or sampling with temperature > 0 (runtime/sampling.py: top_p, top_k,
+        seed; every sample draws with the same seed). stop: strings that end a prompt's answer
+        (prompts= only: they need the tokenizer). Samples: a [B, S] batch or a list of different lengths (ids [S] or
         embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
         engines that take them, rope_positions ([3, B, S] or [3, S] each) and deepstack ([D, B, S, H]
         or [D, S, H] each). Samples of equal shapes share one prefill call; all share each decode step.
@@ -138,19 +141,23 @@ class Engine:
         them; returns each prompt's answer as text (generation stops at the tokenizer's eos), or
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import generate
+        from .sampling import SamplingParams
 
         max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
+        sampling = SamplingParams(temperature, top_p, top_k, seed, stop or ())
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
                           rope_positions, deepstack, eos_token_id):
             from .multimodal import generate_text, stream_texts
 
             if stream:
-                return stream_texts(self, images, prompts, max_new_tokens, chat)
-            return generate_text(self, images, prompts, max_new_tokens, chat)
-
+                return stream_texts(self, images, prompts, max_new_tokens, chat, sampling)
+            return generate_text(self, images, prompts, max_new_tokens, chat, sampling)
+        if sampling.stop:
+            raise EngineInputError("stop strings need the engine's tokenizer: pass prompts= (VLM engines), or "
+                                   "stop on token ids with eos_token_id=")
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
                         vision_mask=vision_mask, rope_positions=rope_positions, deepstack=deepstack,
-                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stream=stream)
+                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stream=stream, sampling=sampling)
 
 
 def _prompts_given(images, prompts, *tensor_inputs) -> bool:
