@@ -157,3 +157,13 @@ def serve_engine(serve_engine_dir):
     from fastmmoe_compile import load_engine
 
     return load_engine(serve_engine_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: with a server process on the same cores (tests/test_serve.py),
+    two processes spinning two OpenMP threads each on a 2-core box slow each other down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

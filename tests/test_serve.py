@@ -26,6 +26,7 @@ import torch
 
 from .conftest import write_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 openai = pytest.importorskip("openai", reason="the test extra: pip install 'fastmmoe-compile[test]'")
 pytest.importorskip("uvicorn", reason="the serve extra: pip install 'fastmmoe-compile[serve]'")
 

@@ -9,6 +9,7 @@ from fastmmoe_compile.runtime.sampling import SamplingParams, TextStream, make_g
 
 from .conftest import write_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pytest.importorskip("prometheus_client", reason="the serve extra: pip install 'fastmmoe-compile[serve]'")
 
 

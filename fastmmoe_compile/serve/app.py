@@ -34,16 +34,16 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 async def read_json(request: Request, max_bytes: int):
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"the request body is {declared} bytes; at most {max_bytes} (--max-body-bytes)",
-                       code="body_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"the request body is over {max_bytes} bytes (--max-body-bytes)", code="body_too_large")
-        chunks.append(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+    # An oversized body is read to its end but not kept: answering before the client has sent it
+    # all breaks the pipe under many clients (Python's urllib, for one), which then never see the 413.
+    if size > max_bytes:
+        raise APIError(413, f"the request body is {size} bytes; at most {max_bytes} (--max-body-bytes)",
+                       code="body_too_large")
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
@@ -109,6 +109,7 @@ class Server:
     async def _generate(self, request: Request, kind: str):
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        arrived = time.monotonic()  # TTFT counts from here: reading and checking the request included
         handle = None
         try:
             self._authorize(request)
@@ -117,7 +118,7 @@ class Server:
                 job = await run_in_threadpool(parse_chat, body, self.io.name, self.limits, self.io.conversation)
             else:
                 job = parse_completion(body, self.io.name, self.limits)
-            handle = Handle(job, asyncio.get_running_loop())
+            handle = Handle(job, asyncio.get_running_loop(), arrived=arrived)
             self.scheduler.submit(handle)
             first = await self._next(handle, request)
             if first is None:

@@ -18,8 +18,9 @@ from .errors import APIError
 from .media import MediaPolicy, load_image_url
 
 ROLES = ("system", "developer", "user", "assistant")
-# Fields the server reads, and the OpenAI fields it accepts and ignores because they do not change
-# the answer (user, metadata, store, ...); any other field is a 400, never silently dropped.
+# OpenAI fields accepted besides the sampling ones: bookkeeping that does not change the answer
+# (user, metadata, store, service_tier, parallel_tool_calls), and fields _common checks (only their
+# no-op values pass). Any other field is a 400, never silently dropped.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "frequency_penalty",
            "presence_penalty", "logit_bias", "stream_options", "n", "echo", "best_of", "suffix"}
 
@@ -101,7 +102,7 @@ def _common(body: dict, served_name: str, limits: Limits, known: set[str]) -> di
     if not isinstance(stream, bool):
         raise bad(f"stream must be true or false, got {stream!r}")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise bad("stream_options may hold include_usage only")
     if options and not stream:
         raise bad("stream_options needs stream: true")

@@ -33,13 +33,14 @@ class Handle:
     """One request as both sides see it. The scheduler thread puts events on `events` (through the
     HTTP side's event loop): ("token", text piece, token id), ("done", finish_reason), ("error", APIError)."""
 
-    def __init__(self, job, loop: asyncio.AbstractEventLoop | None = None, on_event=None):
+    def __init__(self, job, loop: asyncio.AbstractEventLoop | None = None, on_event=None,
+                 arrived: float | None = None):
         self.job = job
         self.loop = loop
         self.events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self.on_event = on_event  # tests without an event loop: called in the scheduler thread
         self.cancelled = threading.Event()
-        self.arrived = time.monotonic()
+        self.arrived = time.monotonic() if arrived is None else arrived  # time.monotonic() the request came in
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.prompt_tokens = 0
