@@ -147,3 +147,35 @@ def test_serve_command_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp
     monkeypatch.setattr(serve, "missing_dependencies", lambda: ["uvicorn"])
     assert main(["serve", str(tmp_path)]) == 2
     assert "serve needs uvicorn: pip install 'fastmmoe-compile[serve]'" in capsys.readouterr().err
+
+
+def test_python_api_sampling_and_stop_strings(serve_engine):
+    greedy = serve_engine.generate(prompts="Tell me more.", max_new_tokens=12)[0]
+    assert serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, temperature=0.9, top_k=1, seed=4)[0] \
+        == greedy
+    stop = greedy[5:7]
+    assert serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, stop=[stop])[0] == \
+        greedy[:greedy.find(stop)]
+    pieces = list(serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, stop=stop, stream=True))
+    assert "".join(p[0] or "" for p in pieces) == greedy[:greedy.find(stop)]
+    sampled = [serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, temperature=1.0, seed=9)[0]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    with pytest.raises(EngineInputError, match="stop strings need the engine's tokenizer"):
+        serve_engine.generate(torch.tensor([1, 2, 3]), stop=["x"])
+
+
+class BytesTokenizer:
+    """token i -> byte i, decoded as UTF-8 with U+FFFD for incomplete characters (as byte-level BPE)."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def test_text_stream_waits_for_multi_byte_characters():
+    data = "añb€c".encode()
+    s = TextStream(BytesTokenizer(), ("€",))
+    pieces = [s.add(b) for b in data]
+    assert "".join(pieces) == "añb" and s.stopped  # "€"'s first byte alone ("\ufffd") is no stop and not shown
+    s = TextStream(BytesTokenizer())
+    assert "".join(s.add(b) for b in data) + s.finish() == "añb€c"

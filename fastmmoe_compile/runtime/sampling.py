@@ -120,6 +120,7 @@ class TextStream:
         self.tokens: list[int] = []
         self.text = ""  # shown so far
         self.stopped = False
+        self._stop_at = 0
         self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def _decoded(self) -> str:
@@ -129,17 +130,25 @@ class TextStream:
         if self.stopped:
             return ""
         self.tokens.append(int(token))
-        full = self._decoded()
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._show(full[:cut])
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        return self._show(full[:len(full) - self._hold] if self._hold else full)
+        # A trailing U+FFFD may be a character whose other bytes are still to come: not final yet.
+        stable = self._decoded().rstrip("\ufffd")
+        if self._cut(stable):
+            return self._show(stable[:self._stop_at])
+        return self._show(stable[:len(stable) - self._hold] if self._hold else stable)
 
     def finish(self) -> str:
-        return "" if self.stopped else self._show(self._decoded())
+        if self.stopped:
+            return ""
+        full = self._decoded()
+        self._cut(full)
+        return self._show(full if not self.stopped else full[:self._stop_at])
+
+    def _cut(self, text: str) -> bool:
+        """Whether a stop string occurs in text; if so, stopped, and text up to it is final."""
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped, self._stop_at = True, min(found)
+        return bool(found)
 
     def _show(self, upto: str) -> str:
         if len(upto) <= len(self.text) or not upto.startswith(self.text):

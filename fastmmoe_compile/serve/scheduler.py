@@ -279,6 +279,7 @@ class Scheduler:
             reason = "length"
         if reason is not None and row.text is not None:
             piece += row.text.finish()
+            reason = "stop" if row.text.stopped else reason  # a stop string seen only in the final text
         h.emit(("token", piece, token))
         if reason is not None:
             row.done = True
