@@ -7,6 +7,7 @@
     fastmmoe-compile inspect ENGINE                       show an engine's manifest
     fastmmoe-compile run ENGINE --image F --prompt P      greedy answer of a VLM engine to images + a prompt
     fastmmoe-compile bench [--device cuda] [flags]        prefill latency and decode tokens/s, all methods side by side
+    fastmmoe-compile serve ENGINE [--port 8000] [flags]   an OpenAI-compatible server (the serve extra)
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...). The commands are argparse subcommands; `compile` is implied when the
@@ -31,7 +32,7 @@ from .config import (
 from .errors import UserInputError
 from .lower.backends import backend_names
 
-SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench")
+SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
@@ -213,7 +214,36 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill latency and decode tokens/s, all methods side by side",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)
+    _add_serve_parser(sub)
     return top
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server on an engine (continuous batching)",
+                       description="Serve an engine with the OpenAI API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models), plus /health and /metrics. Needs the serve extra.")
+    p.add_argument("engine", help="an engine directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="most requests in the running decode batch (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a batch slot; beyond it 429 with Retry-After (default 64)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (default: none)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the engine "
+                                                              "directory's name)")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="most prompt + new tokens per request (default 4096)")
+    p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of a request that sets none (default 256)")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20, help="largest request body (default 32 MiB)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2 ** 20, help="largest encoded image (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="largest width x height of an image, checked before decoding (default 4096*4096)")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="file:// image URLs may name files under this directory only (default: none allowed)")
+    p.add_argument("--allow-image-fetch", action="store_true", help="allow http(s) image URLs (default: refused)")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per image fetch (default 10)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
 def _with_command(argv: list[str]) -> list[str]:
@@ -390,8 +420,31 @@ def _presets(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .serve import INSTALL, missing_dependencies
+
+    missing = missing_dependencies()
+    if missing:
+        raise CliError(f"serve needs {', '.join(missing)}: {INSTALL}")
+    from .serve.launch import ServeOptions, serve
+
+    options = ServeOptions(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+        default_max_tokens=args.max_tokens, max_images=args.max_images, max_body_bytes=args.max_body_bytes,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        allowed_local_media_path=args.allowed_local_media_path, allow_image_fetch=args.allow_image_fetch,
+        fetch_timeout=args.fetch_timeout, log_level=args.log_level)
+    try:
+        options.check()
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    serve(args.engine, options)
+    return 0
+
+
 _COMMANDS = {"compile": _compile, "diff": _diff, "flops": _flops, "presets": _presets, "inspect": _inspect,
-             "run": _run, "bench": _bench}
+             "run": _run, "bench": _bench, "serve": _serve}
 
 
 if __name__ == "__main__":

@@ -142,3 +142,34 @@ def check_common_bad_inputs(engine, image, prompt: str, tmp_path):
         engine.prepare([image], prompt.replace("<image>", ""))
     with pytest.raises(ValueError, match="1 <image> placeholder.* for 0 image"):
         engine.prepare(None, prompt)
+
+
+# The served engine of tests/test_serve*.py: tiny InternVL with FastMMoE (Top-Kv and token merging,
+# so every layer keeps its own cache length), exported-program backend; built once per session.
+SERVE_ENGINE_FLAGS = ["--vision-expert-ratio", "0.5", "--merge-layers", "2", "--keep-ratio", "0.5"]
+
+
+@pytest.fixture(scope="session")
+def serve_engine_dir(tmp_path_factory):
+    from fastmmoe_compile.cli import main
+
+    out = tmp_path_factory.mktemp("serve") / "tiny-internvl-fastmmoe"
+    assert main(["tiny-internvl", "--out", str(out), "--backend", "export", "--quiet", *SERVE_ENGINE_FLAGS]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_engine(serve_engine_dir):
+    from fastmmoe_compile import load_engine
+
+    return load_engine(serve_engine_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: with a server process on the same cores (tests/test_serve.py),
+    two processes spinning two OpenMP threads each on a 2-core box slow each other down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ NOT_RUN = {
     readme_blocks.SETUP_SECTION: "the set-up itself: .ci/run runs it in a fresh environment",
     "GPU check": "a download here and a command for a GPU machine (no GPU in CI)",
     "Evaluation with lmms-eval": "an install line and lmms-eval's own CLI, which downloads its datasets (no network)",
+    "Serve (OpenAI-compatible server)": "starts a long-running server and talks to it; tests/test_serve.py runs a "
+                                        "server process and drives it with the openai client",
 }
 
 pytestmark = pytest.mark.slow
@@ -60,7 +62,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
-    python = [b for b in _blocks() if b.language == "python"]
+    python = [b for b in _blocks() if b.language == "python" and b.section not in NOT_RUN]
     assert len(python) >= 3
     for b in python:
         exec(compile(b.text, f"README.md:{b.line}", "exec"), namespace)  # noqa: S102 - the README's own code

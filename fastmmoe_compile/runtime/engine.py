@@ -132,8 +132,11 @@ class Engine:
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
                  max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, images=None, prompts=None,
-                 chat: bool = True, **extra_inputs):
-        """Greedy generation. Samples: a [B, S] batch or a list of different lengths (ids [S] or
+                 chat: bool = True, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop=None, **extra_inputs):
+        """Greedy generation, or sampling with temperature > 0 (runtime/sampling.py: top_p, top_k,
+        seed; every sample draws with the same seed). stop: strings that end a prompt's answer
+        (prompts= only: they need the tokenizer). Samples: a [B, S] batch or a list of different lengths (ids [S] or
         embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
         engines that take extra inputs (engine.input_specs), each by name as a batch of its spec's
         shape or a list of per-sample tensors (the shape without B). Samples of equal shapes share
@@ -145,19 +148,23 @@ class Engine:
         them; returns each prompt's answer as text (generation stops at the tokenizer's eos), or
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import generate
+        from .sampling import SamplingParams
 
         max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
+        sampling = SamplingParams(temperature, top_p, top_k, seed, stop or ())
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
                           eos_token_id, *extra_inputs.values()):
             from .multimodal import generate_text, stream_texts
 
             if stream:
-                return stream_texts(self, images, prompts, max_new_tokens, chat)
-            return generate_text(self, images, prompts, max_new_tokens, chat)
-
+                return stream_texts(self, images, prompts, max_new_tokens, chat, sampling)
+            return generate_text(self, images, prompts, max_new_tokens, chat, sampling)
+        if sampling.stop:
+            raise EngineInputError("stop strings need the engine's tokenizer: pass prompts= (VLM engines), or "
+                                   "stop on token ids with eos_token_id=")
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
                         vision_mask=vision_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        stream=stream, **extra_inputs)
+                        stream=stream, sampling=sampling, **extra_inputs)
 
 
 def _prompts_given(images, prompts, *tensor_inputs) -> bool:

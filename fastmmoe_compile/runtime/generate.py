@@ -112,9 +112,10 @@ def decode_step(step, state: DecodeState, inputs_embeds: torch.Tensor) -> torch.
 
 # --- greedy generation -----------------------------------------------------------------
 
-def prefill_samples(engine, samples, max_new_tokens: int):
+def prefill_samples(engine, samples, max_new_tokens: int, results: list | None = None):
     """Prefill samples grouped by (S, N) (the prefill program needs equal shapes in a batch) and
-    return the first tokens' logits [B, V] and a decode state, both in sample order."""
+    return the first tokens' logits [B, V] and a decode state, both in sample order. `results`,
+    if given, receives each sample's PrefillResult (kept_positions: what token reduction kept)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (e, v, _) in enumerate(samples):
         groups.setdefault((e.shape[0], v.shape[0]), []).append(i)
@@ -130,6 +131,8 @@ def prefill_samples(engine, samples, max_new_tokens: int):
                                 vision_positions=torch.stack([samples[i][1] for i in rows]), **extras)
         for j, i in enumerate(rows):
             per_sample[i] = _row(result, j)
+    if results is not None:
+        results.extend(per_sample)
     logits = torch.cat([r.logits for r in per_sample])
     # The first new token comes from prefill: max_new_tokens - 1 decode steps follow (none: no state).
     return logits, start_state(per_sample, max_new_tokens - 1) if max_new_tokens > 1 else None
@@ -141,8 +144,9 @@ def _row(result, j):
                         None if result.next_positions is None else result.next_positions[j:j + 1])
 
 
-def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[list]:
-    """Yield, per step, each sample's new token (None once the sample has ended with eos)."""
+def greedy(engine, samples, max_new_tokens: int, eos_token_id=None, sampler=None) -> Iterator[list]:
+    """Yield, per step, each sample's new token (None once the sample has ended with eos).
+    sampler: a runtime.sampling.Sampler (logits [B, V] -> tokens [B]); None is argmax."""
     max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
     if engine.decode_step is None and max_new_tokens > 1:
         raise DecodeUnavailableError(engine.no_decode_message())
@@ -150,7 +154,7 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[
     logits, state = prefill_samples(engine, samples, max_new_tokens)
     done = [False] * len(samples)
     for step in range(max_new_tokens):
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1) if sampler is None else sampler(logits)
         out = [None if d else int(t) for d, t in zip(done, tokens.tolist())]
         done = [d or t in eos for d, t in zip(done, tokens.tolist())]
         yield out
@@ -160,8 +164,9 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None) -> Iterator[
 
 
 def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, **extra_inputs):
-    """Engine.generate's tensor forms. Every input error is raised here, at the call (not at a
+             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, sampling=None, **extra_inputs):
+    """Engine.generate's tensor forms; sampling: a runtime.sampling.SamplingParams for every sample
+    (None or temperature 0: greedy). Every input error is raised here, at the call (not at a
     stream's first step)."""
     max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
     inputs.token_id_set("eos_token_id", eos_token_id)
@@ -171,7 +176,12 @@ def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=Non
                                       "generated tokens back")
     if engine.decode_step is None and max_new_tokens > 1:
         raise DecodeUnavailableError(engine.no_decode_message())
-    steps = greedy(engine, samples, max_new_tokens, eos_token_id)
+    sampler = None
+    if sampling is not None and not sampling.greedy:
+        from .sampling import Sampler
+
+        sampler = Sampler([sampling] * len(samples))
+    steps = greedy(engine, samples, max_new_tokens, eos_token_id, sampler)
     if stream:
         return steps
     tokens = [[] for _ in samples]

@@ -186,41 +186,42 @@ def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
     return FrontEnd(family, facts, encoder, tokenizer, image_processor)
 
 
-def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True) -> list[str]:
-    """Greedy answers (decoded text, special tokens dropped) to image + prompt inputs, per prompt."""
-    prepared = engine.prepare(images, prompts, chat=chat)  # prompts of different shapes: per-sample lists
-    tokenizer = engine.front_end.tokenizer
-    new = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
-                          eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in new]
+def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True, sampling=None) -> list[str]:
+    """Answers (decoded text, special tokens dropped) to image + prompt inputs, per prompt: greedy,
+    or as `sampling` (a runtime.sampling.SamplingParams, stop strings included) says."""
+    return ["".join(p for p in pieces if p) for pieces in
+            zip(*stream_texts(engine, images, prompts, max_new_tokens, chat, sampling))]
 
 
-def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True):
-    """Greedy answers as they are generated: yields, per decode step, each prompt's new text piece
-    ("" while its last token ends inside a multi-byte character, None once the prompt has ended).
-    Each prompt's pieces join to its generate_text answer. Bad inputs raise here, at the call."""
+def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True, sampling=None):
+    """Answers as they are generated: yields, per decode step, each prompt's new text piece
+    ("" while its text is held back: a multi-byte character or a possible stop string not yet
+    complete; None once the prompt has ended). Each prompt's pieces join to its generate_text
+    answer. Bad inputs raise here, at the call."""
+    from .sampling import GREEDY
+
+    sampling = sampling or GREEDY
     prepared = engine.prepare(images, prompts, chat=chat)
     tokenizer = engine.front_end.tokenizer
     steps = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
-                            eos_token_id=tokenizer.eos_token_id, stream=True)
-    return _texts(tokenizer, steps, len(prepared.input_ids))
+                            eos_token_id=tokenizer.eos_token_id, stream=True, temperature=sampling.temperature,
+                            top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed)
+    return _texts(tokenizer, steps, len(prepared.input_ids), sampling.stop)
 
 
-def _texts(tokenizer, steps, count: int):
-    tokens, shown = [[] for _ in range(count)], [""] * count
+def _texts(tokenizer, steps, count: int, stop=()):
+    from .sampling import TextStream
+
+    streams = [TextStream(tokenizer, stop) for _ in range(count)]
     for step in steps:
-        pieces = []
-        for i, token in enumerate(step):
-            if token is None:
-                pieces.append(None)
-                continue
-            tokens[i].append(token)
-            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
-            ready = text.startswith(shown[i]) and not text.endswith("\ufffd")
-            pieces.append(text[len(shown[i]):] if ready else "")
-            shown[i] = text if ready else shown[i]
+        pieces = [None if token is None or s.stopped else s.add(token) for s, token in zip(streams, step)]
+        if all(p is None for p in pieces):
+            break
         yield pieces
-    rest = [tokenizer.decode(t, skip_special_tokens=True)[len(s):] for t, s in zip(tokens, shown)]
+        if all(s.stopped for s in streams):
+            steps.close()  # every answer has met a stop string: no more decode steps
+            break
+    rest = [s.finish() for s in streams]
     if any(rest):  # what was held back at the end
         yield rest
 

@@ -1,0 +1,157 @@
+"""Token sampling and stop strings, shared by Engine.generate and the server (fastmmoe_compile.serve).
+
+Sampling follows the usual logits-processor order (Hugging Face's LogitsProcessorList and vLLM's
+sampler): divide by the temperature, keep the top_k largest logits, keep the smallest set of
+tokens whose probability mass reaches top_p (nucleus sampling, Holtzman et al. 2019, "The Curious
+Case of Neural Text Degeneration"), then draw from the softmax. temperature == 0 is greedy:
+exactly argmax, as Engine.generate always did. Each sample draws from its own torch.Generator
+seeded with its seed, so its tokens do not depend on what else shares the batch.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from .inputs import EngineInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One sample's sampling settings.
+
+    temperature: >= 0; 0 is greedy (argmax). top_p: in (0, 1]; 1 keeps every token. top_k: >= 0;
+    0 keeps every token. seed: an int for reproducible draws (same seed, same tokens), None for a
+    fresh random seed. stop: strings that end the text (not included in it); they need a tokenizer.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        def number(name, value, ok, expected):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise EngineInputError(f"{name} must be {expected}, got {value!r}")
+
+        number("temperature", self.temperature, lambda v: v >= 0, "a number >= 0 (0 is greedy)")
+        number("top_p", self.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise EngineInputError(f"top_k must be an int >= 0 (0 keeps every token), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise EngineInputError(f"seed must be an int or None, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+            raise EngineInputError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
+
+
+class Sampler:
+    """Picks each sample's next token from its logits: sampler(logits [B, V]) -> token ids [B] int64.
+    Rows may come and go between calls (the server's continuous batching): `params` and
+    `generators` are lists the caller keeps in row order (select / extend)."""
+
+    def __init__(self, params: list[SamplingParams]):
+        self.params = list(params)
+        self.generators = [make_generator(p) for p in self.params]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits, self.params, self.generators)
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator seeded with params.seed (a random seed when None); None for greedy."""
+    if params.greedy:
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed % (1 << 63))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next token ids [B] int64, row i drawn with params[i] and
+    generators[i] (make_generator). Greedy rows are logits.argmax(-1), bit for bit."""
+    tokens = logits.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            tokens[i] = _draw(logits[i].float(), p, g)
+    return tokens
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    logits = logits.cpu() / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+class TextStream:
+    """Incremental detokenization of one sample with stop strings.
+
+    add(token) -> the new text that is safe to show: text is held back while the last token ends
+    inside a multi-byte character (the decode ends in U+FFFD) or while its end could be the start of
+    a stop string. After a stop string appears, `stopped` is True and the text ends before it.
+    finish() -> what was held back (nothing after a stop). `text` is everything shown so far.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""  # shown so far
+        self.stopped = False
+        self._stop_at = 0
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(int(token))
+        # A trailing U+FFFD may be a character whose other bytes are still to come: not final yet.
+        stable = self._decoded().rstrip("\ufffd")
+        if self._cut(stable):
+            return self._show(stable[:self._stop_at])
+        return self._show(stable[:len(stable) - self._hold] if self._hold else stable)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        full = self._decoded()
+        self._cut(full)
+        return self._show(full if not self.stopped else full[:self._stop_at])
+
+    def _cut(self, text: str) -> bool:
+        """Whether a stop string occurs in text; if so, stopped, and text up to it is final."""
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped, self._stop_at = True, min(found)
+        return bool(found)
+
+    def _show(self, upto: str) -> str:
+        if len(upto) <= len(self.text) or not upto.startswith(self.text):
+            return ""
+        piece, self.text = upto[len(self.text):], upto
+        return piece

@@ -1,0 +1,92 @@
+"""What the server needs from an engine: its name, its tokenizer and chat rule, and a Job's backbone inputs.
+
+Engines without a tokenizer (text-only engines: compile_model saves a tokenizer for VLMs only)
+cannot read text: their chat requests and string prompts are 400s that say so, and
+/v1/completions takes their prompt as a list of token ids (OpenAI's token-array prompt); the
+answer's text is then empty and its tokens are in the choice's `token_ids`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..runtime import inputs
+from ..runtime.frontends import PLACEHOLDER
+from ..runtime.frontends.base import PromptError
+from ..runtime.inputs import EngineInputError
+from .errors import APIError
+
+NO_TOKENIZER = ("this engine has no tokenizer (text-only engines carry none; VLM engines compiled from a "
+                "checkpoint without tokenizer files neither): it cannot read text; send /v1/completions a "
+                "prompt of token ids")
+
+
+class EngineIO:
+    """The engine seen from the server. max_model_len: prompt + new tokens allowed per request."""
+
+    def __init__(self, engine, name: str, max_model_len: int):
+        self.engine = engine
+        self.name = name
+        self.max_model_len = max_model_len
+        front = engine.front_end
+        self.tokenizer = getattr(front, "tokenizer", None) if front is not None else None
+        if front is not None and getattr(front, "image_processor", None) is None:
+            self.tokenizer = None  # prepare() refuses prompts without both
+        self.vision = front is not None
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
+
+    def conversation(self, turns: list) -> tuple[str, bool]:
+        """[(role, [("text", str) | ("image", None)])] -> (prompt with PLACEHOLDER per image, chat)."""
+        if self.tokenizer is None:
+            raise APIError(400, NO_TOKENIZER, code="no_tokenizer")
+        def text(parts):
+            return "".join(PLACEHOLDER if kind == "image" else value for kind, value in parts)
+
+        if not self.vision and any(kind == "image" for _, parts in turns for kind, _ in parts):
+            raise APIError(400, "this is a text-only engine: image_url parts are not accepted", code="no_vision")
+        if len(turns) == 1:  # one user message: engine.generate's own prompt form
+            return text(turns[0][1]), True
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise APIError(400, "this engine's tokenizer has no chat template: send one user message",
+                           code="no_chat_template")
+        messages = [{"role": role, "content": [{"type": "image"} if kind == "image" else {"type": "text", "text": v}
+                                               for kind, v in parts]} for role, parts in turns]
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes each image as the front end's raw-prompt image text; hand those back as PLACEHOLDER.
+        image_text = self.engine.front_end.family.prompt_text(self.tokenizer, PLACEHOLDER, False)
+        images = sum(kind == "image" for _, parts in turns for kind, _ in parts)
+        if rendered.count(image_text) != images:
+            raise APIError(400, "this engine's chat template does not write images the way its front end reads "
+                                "them in a conversation: send one user message", code="unsupported_conversation")
+        return rendered.replace(image_text, PLACEHOLDER), False
+
+    def sample(self, job) -> tuple[tuple, int]:
+        """A Job -> (one sample (embeds [S, H], vision positions [N], extras) as generate takes it,
+        prompt tokens S). APIError 400 for anything the engine cannot take."""
+        engine = self.engine
+        if job.max_tokens > 1 and engine.decode_step is None:
+            raise APIError(400, engine.no_decode_message() + "; or ask for max_tokens 1", code="no_decode")
+        if job.sampling.stop and self.tokenizer is None:
+            raise APIError(400, "stop strings need the engine's tokenizer; " + NO_TOKENIZER, code="no_tokenizer")
+        try:
+            if job.prompt_ids is not None:
+                samples = inputs.sample_inputs(engine, torch.tensor(job.prompt_ids), None, None, None, {})
+            else:
+                if self.tokenizer is None:
+                    raise APIError(400, NO_TOKENIZER, code="no_tokenizer")
+                prepared = engine.prepare(job.images or None, job.prompt, chat=job.chat)
+                samples = inputs.sample_inputs(engine, None, prepared.inputs_embeds, prepared.vision_positions, None,
+                                               prepared.extras)
+        except (EngineInputError, PromptError) as e:
+            raise APIError(400, str(e), code="invalid_prompt") from e
+        sample = samples[0]
+        length = int(sample[0].shape[0])
+        if length + job.max_tokens > self.max_model_len:
+            raise APIError(400, f"the prompt is {length} tokens and max_tokens {job.max_tokens}: more than the "
+                                f"{self.max_model_len} this server allows (--max-model-len)",
+                           code="context_length_exceeded")
+        return sample, length
+
+    def decode(self, tokens: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
