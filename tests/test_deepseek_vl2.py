@@ -32,10 +32,11 @@ BACKBONE = {"small": "DeepseekV2ForCausalLM", "base": "DeepseekV3ForCausalLM", "
 SIDE = 2  # tiny-deepseek-vl2: 42 px tiles of 14 px patches = 3x3, padded to 4x4, 2x2-pooled to 2x2
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", params=["small"])
 def variant(request):
-    """"small" unless a test parametrizes it (indirect): the session fixtures below exist once per variant."""
-    return getattr(request, "param", "small")
+    """"small" unless a test parametrizes it (indirect): the session fixtures below exist once per variant
+    (a param, not a default, so that Small's are shared between both kinds of test)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
