@@ -89,7 +89,9 @@ def environment(device: torch.device) -> dict:
 
 def run_pytest() -> dict:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "-m", "gpu", "tests"],
+    # addopts cleared: pyproject's `-n auto` needs pytest-xdist, which a GPU machine may lack.
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:logging", "-o", "addopts=", "-m", "gpu",
+                           "tests"],
                           cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
