@@ -11,7 +11,7 @@ no network, the torch it finds there):
 3. (b) The InternVL3.5-30B-A3B backbone shape (preset internvl3.5-30b-a3b-backbone, all 48 layers),
    random bf16 weights made on the GPU, one image of 3328 vision + 64 text tokens: prefill of
    transformers' own model, our unmodified engine, Top-Kv, FastMMoE 75/50/25 % (the authors'
-   settings, config_preset) and FastV 50 %, timed interleaved (bench.py's machinery): medians,
+   settings, config_preset) and FastV 50 %, timed interleaved (fastmmoe_compile/bench's machinery): medians,
    speedup, FLOPs ratio (flops.py), efficiency, achieved TFLOP/s against a bf16 matmul timed in
    the same run; decode ms/step; peak GPU memory and KV-cache bytes after prefill per variant.
    Our variants run as exported programs (eager) by default; --compile adds torch.compile.

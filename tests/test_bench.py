@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark core (fastmmoe_compile/bench.py, `fastmmoe-compile bench`): a
+"""Smoke test of the benchmark core (fastmmoe_compile/bench/, `fastmmoe-compile bench`): a
 tiny model through prefill + decode timing, eager only, unmodified and FastV. The decode path must give
 transformers' own greedy tokens (DynamicCache) on the unmodified backbone."""
 import json
