@@ -15,6 +15,7 @@ from .config import FastMMoEConfig, FastVConfig, SparseVLMConfig
 from .errors import ShapeOnlyModelError
 from .export import export_backbone
 from .lower.backends import Backend, get_backend, vision_backend
+from .lower.weights import WEIGHTS_FILE, SharedWeights
 from .models import LoadedModel, load_model
 from .models.registry import check_model_name
 from .passes import PassRecord, apply_passes
@@ -116,21 +117,27 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
     embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach().cpu()
     if out is None:
         return _in_process(loaded, program, backend, config, record, embeddings, quiet, decode, device)
+    weights = SharedWeights()  # every program's tensors, written once below
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet)}
+        programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet, weights)}
         if loaded.vision is not None:
-            programs["vision"] = _write_vision(loaded, tmp, backend, quiet)
+            programs["vision"] = _write_vision(loaded, tmp, backend, quiet, weights)
         if decode:
-            programs["decode"] = _write_program(_export_decode(loaded, quiet), backend, tmp, "decode", quiet)
+            programs["decode"] = _write_program(_export_decode(loaded, quiet), backend, tmp, "decode", quiet, weights)
             programs["decode"]["cache"] = "prefill returns key_l, value_l per layer"
         with step("write engine", quiet):
             from safetensors.torch import save_file
 
             save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
             _as_plain_file(tmp / EMBEDDINGS_FILE)
+            shared = {}
+            if weights.tensors:
+                weights.save(tmp / WEIGHTS_FILE)
+                _as_plain_file(tmp / WEIGHTS_FILE)
+                shared = {"weights": {"file": WEIGHTS_FILE}}
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
             manifest = _manifest(loaded, config, record, backend.name, programs, device)
-            write_manifest(tmp, {**manifest, "embeddings": {"file": EMBEDDINGS_FILE}})
+            write_manifest(tmp, {**manifest, "embeddings": {"file": EMBEDDINGS_FILE}, **shared})
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
     return load_engine(out)
@@ -169,7 +176,7 @@ def _export_decode(loaded: LoadedModel, quiet: bool):
         return export_decode(loaded)
 
 
-def _write_vision(loaded: LoadedModel, tmp: Path, backend: Backend, quiet: bool) -> dict:
+def _write_vision(loaded: LoadedModel, tmp: Path, backend: Backend, quiet: bool, weights: SharedWeights) -> dict:
     """A VLM's vision encoder and input-processing files (processor/) into the engine dir; its programs entry."""
     from .export.vision import export_vision
     from .runtime.multimodal import PROCESSOR_DIR
@@ -177,7 +184,7 @@ def _write_vision(loaded: LoadedModel, tmp: Path, backend: Backend, quiet: bool)
     with step("export vision encoder", quiet):
         program = export_vision(loaded)
     writer = vision_backend(backend)
-    entry = _write_program(program, writer, tmp, "vision", quiet)
+    entry = _write_program(program, writer, tmp, "vision", quiet, weights)
     # The engine runs without the source checkpoint: its tokenizer, chat template and image processor come along.
     if loaded.vision.tokenizer is not None and loaded.vision.image_processor is not None:
         loaded.vision.tokenizer.save_pretrained(str(tmp / PROCESSOR_DIR))
@@ -185,11 +192,15 @@ def _write_vision(loaded: LoadedModel, tmp: Path, backend: Backend, quiet: bool)
     return entry if writer is backend else {**entry, "backend": writer.name}
 
 
-def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool) -> dict:
-    """One program into the engine dir, in the backend's format; its manifest["programs"] entry."""
+def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool, weights: SharedWeights) -> dict:
+    """One program into the engine dir, in the backend's format; its manifest["programs"] entry
+    ("weights": its names that differ from their key in the shared weights file, where the
+    backend stores the weights there)."""
     name = backend.file(role)
     with step(f"lower {'' if role == 'backbone' else role + ' '}({backend.lowering})", quiet):
         backend.write(program, tmp / name, role)
+    if backend.shared_weights:
+        return {"file": name, "weights": weights.add(role, program)}
     return {"file": name}
 
 

@@ -21,7 +21,7 @@ def test_a_backend_registered_in_a_test_compiles_and_loads(tmp_path, monkeypatch
         torch.export.save(program, str(file))
 
     writers.register(writers.Backend("archive", ".ep", write, lambda program, role: program.module()))
-    loaders.register_loader("archive", lambda file, role: torch.export.load(str(file)).module())
+    loaders.register_loader("archive", lambda file, role, weights: torch.export.load(str(file)).module())
     assert "archive" in writers.backend_names()
 
     engine = compile_model("tiny-qwen3-moe", FastMMoEConfig(), out=tmp_path / "e", backend="archive", quiet=True)

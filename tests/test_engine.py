@@ -65,6 +65,24 @@ def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
 
 
 @pytest.mark.slow
+def test_aoti_package_reads_the_shared_weights_in_place(aoti_engine):
+    """The AOTInductor package holds no weights: it runs on the tensors load_weights() read, not a
+    copy (load_constants(user_managed=True)), so a change to them shows in its logits."""
+    from fastmmoe_compile.runtime.backends import load_role, load_weights
+
+    manifest = json.loads((aoti_engine / "manifest.json").read_text())
+    assert manifest["weights"] == {"file": "weights.safetensors"} and manifest["programs"]["backbone"]["weights"] == {}
+    weights = load_weights(aoti_engine, manifest)
+    backbone = load_role(aoti_engine, manifest, "backbone", weights)
+    assert set(backbone.get_constant_fqns()) <= set(weights)
+    embeds = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1))
+    positions = torch.zeros(1, 0, dtype=torch.long)
+    assert backbone(embeds, positions)[0].abs().sum() > 0
+    weights["lm.lm_head.weight"].zero_()
+    assert torch.equal(backbone(embeds, positions)[0], torch.zeros(1, 256))
+
+
+@pytest.mark.slow
 def test_engine_rejects_bad_inputs(aoti_engine):
     engine = load_engine(aoti_engine)
     ids, mask = _inputs()

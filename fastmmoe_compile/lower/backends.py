@@ -8,6 +8,7 @@ vision encoder). A program's file is `<role><suffix>`, e.g. backbone.pt2, decode
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +35,9 @@ class Backend:
     in_process_label: str = "eager"  # progress label of in_process
     require: Callable[[], None] = _nothing_needed  # raises before any work if the backend cannot run here
     vision: str | None = None  # another backend's name for the vision role, where this one has none
+    # write() leaves the weights out of the file: they go once into the engine's shared weights
+    # file (lower/weights.py), and the loader takes them from there.
+    shared_weights: bool = False
 
     def file(self, role: str) -> str:
         return role + self.suffix
@@ -80,7 +84,7 @@ def vision_backend(backend: Backend) -> Backend:
 def _aoti_write(program, file, role):
     from .inductor import package_aoti
 
-    package_aoti(program, str(file))
+    package_aoti(program, str(file), constants=False)
 
 
 def _compiled(program, role):
@@ -92,7 +96,12 @@ def _compiled(program, role):
 def _export_write(program, file, role):
     import torch
 
-    torch.export.save(program, str(file))
+    from .weights import weights_detached
+
+    with weights_detached(program), warnings.catch_warnings():
+        # The stride-0 placeholders cover more than their one-element storage, which the archive writer notes.
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(program, str(file))
 
 
 def _eager(program, role):
@@ -128,8 +137,8 @@ def _tensorrt_required():
 
 
 register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInductor",
-                 in_process_label="torch.compile"))
-register(Backend("export", ".pt2", _export_write, _eager))
+                 in_process_label="torch.compile", shared_weights=True))
+register(Backend("export", ".pt2", _export_write, _eager, shared_weights=True))
 register(Backend("onnx", ".onnx", _onnx_write, _onnx_in_process, lowering="torch.onnx.export",
                  in_process_label="ONNX Runtime", require=_onnx_required, vision="export"))  # no ONNX vision encoder yet
 register(Backend("tensorrt", ".plan", _export_write, _eager, require=_tensorrt_required))  # a name, refused

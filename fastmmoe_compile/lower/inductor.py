@@ -24,11 +24,15 @@ def compile_in_process(program: ExportedProgram):
     return torch.compile(decompose(program).module(), dynamic=True)
 
 
-def package_aoti(program: ExportedProgram, path: str) -> str:
-    """Compile ahead of time into a .pt2 package; returns its path."""
+def package_aoti(program: ExportedProgram, path: str, constants: bool = True) -> str:
+    """Compile ahead of time into a .pt2 package; returns its path. constants=False leaves the
+    weights out of the package (`aot_inductor.package_constants_in_so`): the loader supplies them
+    with `load_constants(...)` under the names of lower.weights.program_tensors(program)."""
     import torch._inductor
 
-    return torch._inductor.aoti_compile_and_package(decompose(program), package_path=path)
+    configs = {} if constants else {"aot_inductor.package_constants_in_so": False}
+    return torch._inductor.aoti_compile_and_package(decompose(program), package_path=path,
+                                                    inductor_configs=configs)
 
 
 def load_aoti(path: str):

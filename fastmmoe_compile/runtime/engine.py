@@ -18,7 +18,7 @@ import torch
 from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls)
 from . import inputs
 from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
-from .backends import load_role, loader_names
+from .backends import load_role, load_weights, loader_names
 from .manifest import EngineFormatError, read_manifest
 from .specs import InputSpecError, known_names, known_spec, specs_of
 
@@ -195,11 +195,13 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
     embeddings = None
     if manifest.get("embeddings"):
         embeddings = _load_embeddings(path, manifest["embeddings"]["file"], manifest["model"]["hidden_size"])
-    front_end = load_front_end(path, manifest)
+    weights = load_weights(path, manifest, device)  # once, shared by every program
+    front_end = load_front_end(path, manifest, weights)
     if front_end is not None:
         front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
-    decode = load_role(path, manifest, "decode") if "decode" in programs else None
-    return Engine(_as_tuple(on_device(load_role(path, manifest, "backbone"), device)), manifest["model"], embeddings,
+    decode = load_role(path, manifest, "decode", weights) if "decode" in programs else None
+    backbone = load_role(path, manifest, "backbone", weights)
+    return Engine(_as_tuple(on_device(backbone, device)), manifest["model"], embeddings,
                   manifest, path, front_end=front_end, decode_step=on_device(decode, device))
 
 
@@ -240,6 +242,11 @@ def check_manifest(path: Path, manifest: dict) -> None:
         if not isinstance(embeddings, dict) or not isinstance(embeddings.get("file"), str):
             raise _field_error(path, "embeddings", embeddings, 'absent, or {"file": <a file of the engine>}')
         needed.append(embeddings["file"])
+    weights = manifest.get("weights")
+    if weights is not None:
+        if not isinstance(weights, dict) or not isinstance(weights.get("file"), str):
+            raise _field_error(path, "weights", weights, 'absent, or {"file": <a file of the engine>}')
+        needed.append(weights["file"])
     files = manifest["files"]  # read_manifest: a dict of checked entries
     for name in needed:
         if name not in files:
@@ -292,10 +299,11 @@ def _roles(path: Path, manifest: dict) -> list[str]:
 def _program_file(path: Path, manifest: dict, role: str) -> str:
     entry = manifest["programs"][role]
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
-            entry.get("backend", manifest["backend"]) not in loader_names():
+            entry.get("backend", manifest["backend"]) not in loader_names() or \
+            not isinstance(entry.get("weights", {}), dict):
         raise _field_error(path, f"programs.{role}", entry,
                            f'{{"file": <a file of the engine>}} (and optionally "backend": one of '
-                           f'{", ".join(loader_names())})')
+                           f'{", ".join(loader_names())}, and "weights": an object)')
     return entry["file"]
 
 

@@ -172,14 +172,15 @@ def check_vision_facts(path: Path, facts, model: dict) -> None:
         raise wrong("vision.image_token_id", token, f"a token id in [0, {vocab})")
 
 
-def load_front_end(path: Path, manifest: dict) -> FrontEnd | None:
-    """The front end of an engine dir, or None for a text-only engine."""
+def load_front_end(path: Path, manifest: dict, weights: dict | None = None) -> FrontEnd | None:
+    """The front end of an engine dir, or None for a text-only engine (weights: the engine's shared
+    weights, runtime.backends.load_weights)."""
     facts = manifest.get("vision")
     if facts is None:
         return None
     check_vision_facts(path, facts, manifest.get("model") or {})
     family = FRONT_ENDS[facts["family"]]
-    encoder = load_role(path, manifest, "vision")
+    encoder = load_role(path, manifest, "vision", weights)
     tokenizer = image_processor = None
     if (path / PROCESSOR_DIR).is_dir():
         tokenizer, image_processor = family.load_processing(path / PROCESSOR_DIR)
