@@ -1,6 +1,8 @@
 """The authors' literal settings and the `authors_compat` option (docs/fastmmoe.md 2.11 and section 3):
 what differs from the default semantics, pinned on small hand-computed cases in the batched kernel
 (algorithm.merge_stage) and in an exported engine against the eager reference."""
+import os
+
 import pytest
 import torch
 
@@ -97,7 +99,12 @@ def test_compat_batch_equals_each_sample_alone():
             torch.testing.assert_close(x[b:b + 1], y)
 
 
-@pytest.mark.slow  # the compat count's symbolic shape makes the pass's shape propagation slow (~6 min a stage)
+# The compat count's symbolic shape makes the pass's shape propagation slow (minutes a stage), too slow
+# for CI's time budget: run by hand with FASTMMOE_EXPENSIVE_TESTS=1. The compat kernel itself is
+# pinned by the fast tests in this file (hand-computed cases, random stages against the reference).
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTMMOE_EXPENSIVE_TESTS") != "1",
+                    reason="minutes of symbolic shape propagation: set FASTMMOE_EXPENSIVE_TESTS=1 to run")
 def test_compat_engine_matches_eager_reference():
     """Exported program (export backend) with authors_compat against the eager reference in compat mode,
     44 vision tokens, W = 3 (the last window is partial, so the padding counts), merge_ratio 0.05.
