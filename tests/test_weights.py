@@ -131,7 +131,8 @@ def test_engine_written_before_still_loads(export_engine, engine, tmp_path):
         del entry["weights"]
     os.remove(old / "weights.safetensors")
     manifest = {k: v for k, v in manifest.items() if k not in ("weights", "files")}
-    write_manifest(old, manifest)
+    assert manifest["format_version"] == 3
+    write_manifest(old, {**manifest, "format_version": 2})
     ids, mask = _inputs()
     assert torch.equal(load_engine(old).prefill(ids, vision_mask=mask).logits,
                        engine.prefill(ids, vision_mask=mask).logits)

@@ -13,7 +13,10 @@ from pathlib import Path
 from ..errors import UserInputError
 
 FORMAT = "fastmmoe-engine"
-FORMAT_VERSION = 2  # 2: manifest["programs"] names each role's file (1 had fixed names)
+# 2: manifest["programs"] names each role's file (1 had fixed names); 3: the weights stored once
+# (manifest["weights"], runtime/backends.py), which an older reader would load without weights.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 # Inside a partial engine dir while it is written: who writes it, so that a later compile can
 # prove a partial left by a killed one (SIGKILL runs no cleanup) abandoned and remove it.
@@ -56,10 +59,10 @@ def read_manifest(directory: str | os.PathLike, verify_hashes: bool = True) -> d
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EngineFormatError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r})"
                                 if isinstance(manifest, dict) else f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise EngineFormatError(
             f"{path}: engine format version {manifest.get('format_version')} is not supported "
-            f"(this fastmmoe-compile reads version {FORMAT_VERSION}); recompile the model"
+            f"(this fastmmoe-compile reads versions {', '.join(map(str, READABLE_VERSIONS))}); recompile the model"
         )
     files = manifest.get("files")
     if not isinstance(files, dict):  # without it nothing below would be checked: a corrupt engine, not a lax one
