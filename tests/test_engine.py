@@ -131,7 +131,7 @@ def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
 def test_failed_compile_leaves_nothing_on_disk(tmp_path, monkeypatch):
     import fastmmoe_compile.lower.inductor as inductor
 
-    def broken(program, path):
+    def broken(program, path, **options):
         open(path, "wb").write(b"partial")
         raise RuntimeError("lowering failed")
 
@@ -268,14 +268,14 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
                             "nope.pt2 is not listed in the manifest's files, so its size and hash cannot be verified"),
     "decode-not-an-object": ("text", _set("programs", "decode", "yes"), "manifest field programs.decode is 'yes'"),
     "decode-backend-unknown": ("text", _set("programs", "decode", "backend", "tensorrt"),
-                               "manifest field programs.decode is {'file': 'decode.pt2', 'cache'"),
+                               "manifest field programs.decode is {'file': 'decode.pt2', 'weights': {}, 'cache'"),
     "programs-missing": ("text", _drop("programs"), "manifest field programs is None; expected an object with a "
                          "backbone entry"),
     "programs-role-unknown": ("text", _set("programs", "encoder", {"file": "backbone.pt2"}),
                               "manifest field programs is {"),
     "programs-without-backbone": ("text", _drop("programs", "backbone"), "manifest field programs is {'decode'"),
     "programs-vision-without-facts": ("vlm", _drop("vision"), "manifest field programs.vision is {'file': "
-                                      "'vision.pt2'}; expected an entry exactly when"),
+                                      "'vision.pt2', 'weights': {}}; expected an entry exactly when"),
     "embeddings-not-an-object": ("text", _set("embeddings", "embeddings.safetensors"),
                                  "manifest field embeddings is 'embeddings.safetensors'"),
     "files-missing": ("text", _drop("files"), 'has no "files" table'),

@@ -199,8 +199,8 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
     front_end = load_front_end(path, manifest, weights)
     if front_end is not None:
         front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
-    decode = load_role(path, manifest, "decode", weights) if "decode" in programs else None
     backbone = load_role(path, manifest, "backbone", weights)
+    decode = load_role(path, manifest, "decode", weights) if "decode" in programs else None
     return Engine(_as_tuple(on_device(backbone, device)), manifest["model"], embeddings,
                   manifest, path, front_end=front_end, decode_step=on_device(decode, device))
 
