@@ -166,12 +166,16 @@ def with_deepstack(h, deepstack, index: int, b: int, positions: list[int]) -> to
     return h + deepstack[index, b, positions][None].to(h.dtype)
 
 
-def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None):
-    """The whole prefill per docs/fastmmoe.md sections 1-2, one sample at a time, eager attention.
+def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack=None, context=None):
+    """The prefill one sample at a time, HF layers one by one with eager attention (their own
+    attention weights), with a token-reduction stage inside chosen layers: after the layer's
+    attention and residual add, before its MLP / MoE block.
 
-    stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
+    stage(b, index, layer, h [1, S, H], weights [1, heads, S, S], positions, vision) -> None where
+    layer `index` runs whole, else (kept indices, new h [S', H], new vision flags).
     rope_positions: optional [3, B, S] multimodal rotary positions (gathered with the kept tokens).
     deepstack: optional [D, B, S, H] features added after layers 0..D-1 (with_deepstack).
+    context(vision flags) -> a context manager around sample b's layers (e.g. eager_topkv).
     Returns (last-token logits [B, V], kept original positions per sample)."""
     model = lm.model
     previous_attn = lm.config._attn_implementation
@@ -182,22 +186,21 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_
             h = embeds[b:b + 1]
             positions = list(range(h.shape[1]))
             vision = vision_mask[b].tolist()
-            with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(vision), reduce_from_layer, kv):
+            around = contextlib.nullcontext() if context is None else context(lambda: torch.tensor(vision))
+            with torch.no_grad(), around:
                 for index, layer in enumerate(model.layers):
                     pos = rotary_positions(rope_positions, b, positions)
                     rope = model.rotary_emb(h, position_ids=pos)  # rotary of the kept original positions
                     seq = h.shape[1]
                     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
-                    if index not in stages:
+                    if not stage.runs_in(index):
                         h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
                         h = with_deepstack(h, deepstack, index, b, positions)
                         continue
                     attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
                                                         position_embeddings=rope, attention_mask=causal)
                     h = h + attn_out
-                    a = weights[0, :, -1, :].float().mean(dim=0)
-                    p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
-                    keep, h0, vision = reference_stage(h[0], p, a, vision, *stages[index])
+                    keep, h0, vision = stage(b, index, layer, h, weights, positions, vision)
                     positions = [positions[i] for i in keep]
                     h = h0[None]
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -207,6 +210,36 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_
     finally:
         lm.config._attn_implementation = previous_attn
     return torch.cat(all_logits), all_kept
+
+
+class LayerStages:
+    """A stage function for eager_prefill over {layer: settings}: step(b, layer, h, weights,
+    positions, vision, settings) -> (keep, new h, new vision) in the layers of `stages`."""
+
+    def __init__(self, stages: dict, step):
+        self.stages, self.step = stages, step
+
+    def runs_in(self, index: int) -> bool:
+        return index in self.stages
+
+    def __call__(self, b, index, layer, h, weights, positions, vision):
+        return self.step(b, layer, h, weights, positions, vision, self.stages[index])
+
+
+def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None):
+    """The whole prefill per docs/fastmmoe.md sections 1-2, one sample at a time, eager attention.
+
+    stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
+    rope_positions, deepstack: as in eager_prefill.
+    Returns (last-token logits [B, V], kept original positions per sample)."""
+
+    def merge(b, layer, h, weights, positions, vision, settings):
+        a = weights[0, :, -1, :].float().mean(dim=0)
+        p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
+        return reference_stage(h[0], p, a, vision, *settings)
+
+    return eager_prefill(lm, embeds, vision_mask, LayerStages(stages, merge), rope_positions, deepstack,
+                         context=lambda vision: eager_topkv(lm, vision, reduce_from_layer, kv))
 
 
 # --- Decode after a pruned prefill (each layer attends to its own cache) -----

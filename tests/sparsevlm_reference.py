@@ -1,14 +1,14 @@
 """An eager reference of the SparseVLM baseline (docs/fastmmoe.md 5.2), written from its text and the
 paper (arXiv 2410.04417), independent of fastmmoe_compile: plain Python over token indices, the
 Hugging Face layers run one by one with eager attention (their own attention weights), one sample
-at a time. Shares no code with sparsevlm_math or the pass."""
+at a time. Shares no code with sparsevlm_math or the pass (the eager layer loop is tests/reference.py's)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .reference import rotary_positions, with_deepstack
+from .reference import LayerStages, eager_prefill
 
 
 def raters_of(embeds: torch.Tensor, vision: list[bool]) -> list[int]:
@@ -66,40 +66,15 @@ def stage(h: torch.Tensor, score: list[float], vision: list[bool], ratio, recycl
 def eager_sparsevlm(lm, embeds, vision_mask, stages, rope_positions=None, deepstack=None):
     """The prefill with SparseVLM stages {layer: (ratio, recycle_ratio, cluster_ratio)}: the stage runs
     inside the layer after its attention and residual add, before its MLP / MoE block, rated by that
-    layer's attention weights. Returns (last-token logits [B, V], kept original positions per sample)."""
-    model = lm.model
-    previous = lm.config._attn_implementation
-    lm.config._attn_implementation = "eager"
-    all_logits, all_kept = [], []
-    try:
-        for b in range(embeds.shape[0]):
-            h = embeds[b:b + 1]
-            positions = list(range(h.shape[1]))
-            vision = vision_mask[b].tolist()
-            raters = raters_of(embeds[b], vision)  # original indices; text tokens are never dropped
-            with torch.no_grad():
-                for index, layer in enumerate(model.layers):
-                    pos = rotary_positions(rope_positions, b, positions)
-                    rope = model.rotary_emb(h, position_ids=pos)
-                    seq = h.shape[1]
-                    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
-                    if index not in stages:
-                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
-                        h = with_deepstack(h, deepstack, index, b, positions)
-                        continue
-                    attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
-                                                        position_embeddings=rope, attention_mask=causal)
-                    h = h + attn_out
-                    probs = weights[0].float().mean(dim=0)  # [S, S], heads averaged
-                    rows = [positions.index(r) for r in raters]
-                    score = probs[rows].mean(dim=0).tolist() if rows else [0.0] * seq
-                    keep, h0, vision = stage(h[0], score, vision, *stages[index])
-                    positions = [positions[i] for i in keep]
-                    h = h0[None]
-                    h = h + layer.mlp(layer.post_attention_layernorm(h))
-                    h = with_deepstack(h, deepstack, index, b, positions)
-                all_logits.append(lm.lm_head(model.norm(h))[:, -1])
-                all_kept.append(positions)
-    finally:
-        lm.config._attn_implementation = previous
-    return torch.cat(all_logits), all_kept
+    layer's attention weights (the eager layer loop: tests/reference.eager_prefill). Returns
+    (last-token logits [B, V], kept original positions per sample)."""
+    raters = [raters_of(embeds[b], vision_mask[b].tolist()) for b in range(embeds.shape[0])]  # original
+    # indices; text tokens are never dropped
+
+    def sparsify(b, layer, h, weights, positions, vision, settings):
+        probs = weights[0].float().mean(dim=0)  # [S, S], heads averaged
+        rows = [positions.index(r) for r in raters[b]]
+        score = probs[rows].mean(dim=0).tolist() if rows else [0.0] * h.shape[1]
+        return stage(h[0], score, vision, *settings)
+
+    return eager_prefill(lm, embeds, vision_mask, LayerStages(stages, sparsify), rope_positions, deepstack)
