@@ -71,6 +71,11 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
     if out is not None:
         check_out(out, overwrite)
     config = config or FastMMoEConfig()
+    if backend.name == "onnx" and getattr(config, "authors_compat", False):
+        # Its token counts are unbacked sizes in the graph (ops.merge_tokens); the ONNX export of that
+        # graph did not finish in 15 minutes on a tiny model, so it is refused rather than left to hang.
+        from .lower.backends import BackendError
+        raise BackendError("--authors-compat is not supported by --backend onnx; use --backend inductor or export")
     with _users_model_kept(model_or_path):
         return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode, device)
 

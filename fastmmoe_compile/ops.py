@@ -96,9 +96,15 @@ def merge_tokens(hidden: torch.Tensor, probs: torch.Tensor | None, attn: torch.T
 def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alpha, strategy, method, compat=False):
     batch, seq, width = hidden.shape
     n = vision_positions.shape[1]
-    new_n = (algorithm.compat_vision_after_stage(n, ratio_q, merge_ratio_q, window) if compat
-             else algorithm.vision_after_stage(n, ratio_q))
-    new_seq = seq - n + new_n
+    if compat:
+        # The authors' count is exact in floor divisions too, but nested over stages its expression grows
+        # ~60x a stage (100k characters at the second), and shape propagation slows to minutes. An unbacked
+        # size, bounded by N, keeps every stage's shape one symbol; the runtime still checks the count.
+        ctx = torch.library.get_ctx()
+        new_n, new_seq = ctx.new_dynamic_size(), ctx.new_dynamic_size(min=1)
+    else:
+        new_n = algorithm.vision_after_stage(n, ratio_q)
+        new_seq = seq - n + new_n
     return (vision_positions.new_empty(batch, new_seq), hidden.new_empty(batch, new_seq, width),
             vision_positions.new_empty(batch, new_n))
 

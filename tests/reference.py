@@ -166,7 +166,7 @@ def with_deepstack(h, deepstack, index: int, b: int, positions: list[int]) -> to
     return h + deepstack[index, b, positions][None].to(h.dtype)
 
 
-def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack=None, context=None):
+def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack=None, context=None, caches=None):
     """The prefill one sample at a time, HF layers one by one with eager attention (their own
     attention weights), with a token-reduction stage inside chosen layers: after the layer's
     attention and residual add, before its MLP / MoE block.
@@ -176,7 +176,13 @@ def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack
     rope_positions: optional [3, B, S] multimodal rotary positions (gathered with the kept tokens).
     deepstack: optional [D, B, S, H] features added after layers 0..D-1 (with_deepstack).
     context(vision flags) -> a context manager around sample b's layers (e.g. eager_topkv).
+    caches: a list, to which sample b's DynamicCache is appended: its layer l holds the keys and
+    values of the tokens that reached layer l (so its length differs per layer after a stage).
     Returns (last-token logits [B, V], kept original positions per sample)."""
+    from transformers import DynamicCache
+
+    from fastmmoe_compile.transformers_compat import cache_kwargs  # the keyword differs across releases
+
     model = lm.model
     previous_attn = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"  # attention weights straight from the model
@@ -187,6 +193,10 @@ def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack
             positions = list(range(h.shape[1]))
             vision = vision_mask[b].tolist()
             around = contextlib.nullcontext() if context is None else context(lambda: torch.tensor(vision))
+            cache = None
+            if caches is not None:
+                cache = DynamicCache(config=lm.config)
+                caches.append(cache)
             with torch.no_grad(), around:
                 for index, layer in enumerate(model.layers):
                     pos = rotary_positions(rope_positions, b, positions)
@@ -194,11 +204,13 @@ def eager_prefill(lm, embeds, vision_mask, stage, rope_positions=None, deepstack
                     seq = h.shape[1]
                     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
                     if not stage.runs_in(index):
-                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
+                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope,
+                                  **(cache_kwargs(layer, cache) if cache is not None else {}))
                         h = with_deepstack(h, deepstack, index, b, positions)
                         continue
-                    attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
-                                                        position_embeddings=rope, attention_mask=causal)
+                    attn_out, weights = layer.self_attn(
+                        hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=causal,
+                        **(cache_kwargs(layer.self_attn, cache) if cache is not None else {}))
                     h = h + attn_out
                     keep, h0, vision = stage(b, index, layer, h, weights, positions, vision)
                     positions = [positions[i] for i in keep]
@@ -226,11 +238,12 @@ class LayerStages:
         return self.step(b, layer, h, weights, positions, vision, self.stages[index])
 
 
-def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None):
+def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions=None, deepstack=None,
+                   caches=None):
     """The whole prefill per docs/fastmmoe.md sections 1-2, one sample at a time, eager attention.
 
     stages: {layer: (ratio, merge_ratio, window, alpha, strategy, method)}.
-    rope_positions, deepstack: as in eager_prefill.
+    rope_positions, deepstack, caches: as in eager_prefill.
     Returns (last-token logits [B, V], kept original positions per sample)."""
 
     def merge(b, layer, h, weights, positions, vision, settings):
@@ -239,63 +252,40 @@ def eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_
         return reference_stage(h[0], p, a, vision, *settings)
 
     return eager_prefill(lm, embeds, vision_mask, LayerStages(stages, merge), rope_positions, deepstack,
-                         context=lambda vision: eager_topkv(lm, vision, reduce_from_layer, kv))
+                         context=lambda vision: eager_topkv(lm, vision, reduce_from_layer, kv), caches=caches)
 
 
 # --- Decode after a pruned prefill (each layer attends to its own cache) -----
 
 def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_new_tokens, rope_positions=None,
                    deepstack=None):
-    """Greedy new tokens per sample, one sample at a time, eager attention, HF layers one by one.
+    """Greedy new tokens per sample after the FastMMoE prefill of eager_fastmmoe (same arguments):
+    eager_greedy_decode after it."""
+    caches = []
+    logits, _ = eager_fastmmoe(lm, embeds, vision_mask, reduce_from_layer, kv, stages, rope_positions, deepstack,
+                               caches=caches)
+    return eager_greedy_decode(lm, logits, caches, embeds.shape[1], max_new_tokens, rope_positions)
 
-    Prefill as eager_fastmmoe, with a DynamicCache whose layer l receives the keys and values of
-    the tokens that reached layer l (so its length differs per layer after a merge). Then one token
-    at a time: every layer attends to its own cache, the rotary position of the t-th new token is
-    the ORIGINAL prompt length + t, and new tokens are text tokens (plain top-K).
-    With rope_positions [3, B, S] the prefill uses them, and the t-th new token is at their max + 1 + t.
-    deepstack [D, B, S, H]: as in eager_fastmmoe (prefill only; new tokens are text tokens)."""
-    from transformers import DynamicCache
 
-    from fastmmoe_compile.transformers_compat import cache_kwargs  # the keyword differs across releases
+def eager_greedy_decode(lm, logits, caches, prompt_length: int, max_new_tokens: int, rope_positions=None):
+    """Greedy new tokens per sample after a pruned prefill, one sample at a time, HF layers one by one.
+
+    logits [B, V]: the prefill's last-token logits; caches: the prefill's DynamicCache per sample
+    (eager_prefill's `caches`), each layer attending to its own cache. The rotary position of the t-th
+    new token is the ORIGINAL prompt length + t (with rope_positions [3, B, S]: their max + 1 + t), and
+    new tokens are text tokens (plain top-K)."""
+    from fastmmoe_compile.transformers_compat import cache_kwargs
 
     model = lm.model
     previous_attn = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"
     results = []
     try:
-        for b in range(embeds.shape[0]):
-            h = embeds[b:b + 1]
-            prompt_length = h.shape[1]
-            start = prompt_length if rope_positions is None else int(rope_positions[:, b].max()) + 1
-            positions = list(range(prompt_length))
-            flags = {"vision": vision_mask[b].tolist()}
-            cache = DynamicCache(config=lm.config)
-            tokens = []
-            with torch.no_grad(), eager_topkv(lm, lambda: torch.tensor(flags["vision"]), reduce_from_layer, kv):
-                for index, layer in enumerate(model.layers):
-                    pos = rotary_positions(rope_positions, b, positions)
-                    rope = model.rotary_emb(h, position_ids=pos)
-                    seq = h.shape[1]
-                    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
-                    if index not in stages:
-                        h = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope,
-                                  **cache_kwargs(layer, cache))
-                        h = with_deepstack(h, deepstack, index, b, positions)
-                        continue
-                    attn_out, weights = layer.self_attn(hidden_states=layer.input_layernorm(h),
-                                                        position_embeddings=rope, attention_mask=causal,
-                                                        **cache_kwargs(layer.self_attn, cache))
-                    h = h + attn_out
-                    a = weights[0, :, -1, :].float().mean(dim=0)
-                    p = router_probabilities(lm, layer, layer.post_attention_layernorm(h))
-                    keep, h0, flags["vision"] = reference_stage(h[0], p, a, flags["vision"], *stages[index])
-                    positions = [positions[i] for i in keep]
-                    h = h0[None]
-                    h = h + layer.mlp(layer.post_attention_layernorm(h))
-                    h = with_deepstack(h, deepstack, index, b, positions)
-                token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
-                tokens.append(token)
-                flags["vision"] = [False]
+        with torch.no_grad():
+            for b, cache in enumerate(caches):
+                start = prompt_length if rope_positions is None else int(rope_positions[:, b].max()) + 1
+                token = int(logits[b].argmax())
+                tokens = [token]
                 for t in range(1, max_new_tokens):
                     h = model.embed_tokens(torch.tensor([[token]]))
                     pos = torch.tensor([[start + t - 1]])
@@ -305,7 +295,7 @@ def eager_generate(lm, embeds, vision_mask, reduce_from_layer, kv, stages, max_n
                                   **cache_kwargs(layer, cache))
                     token = int(lm.lm_head(model.norm(h))[0, -1].argmax())
                     tokens.append(token)
-            results.append(tokens)
+                results.append(tokens)
     finally:
         lm.config._attn_implementation = previous_attn
     return results

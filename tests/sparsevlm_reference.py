@@ -63,10 +63,10 @@ def stage(h: torch.Tensor, score: list[float], vision: list[bool], ratio, recycl
     return keep, torch.stack(rows), [vision[i] for i in keep]
 
 
-def eager_sparsevlm(lm, embeds, vision_mask, stages, rope_positions=None, deepstack=None):
+def eager_sparsevlm(lm, embeds, vision_mask, stages, rope_positions=None, deepstack=None, caches=None):
     """The prefill with SparseVLM stages {layer: (ratio, recycle_ratio, cluster_ratio)}: the stage runs
     inside the layer after its attention and residual add, before its MLP / MoE block, rated by that
-    layer's attention weights (the eager layer loop: tests/reference.eager_prefill). Returns
+    layer's attention weights (the eager layer loop: tests/reference.eager_prefill; caches as there). Returns
     (last-token logits [B, V], kept original positions per sample)."""
     raters = [raters_of(embeds[b], vision_mask[b].tolist()) for b in range(embeds.shape[0])]  # original
     # indices; text tokens are never dropped
@@ -77,4 +77,5 @@ def eager_sparsevlm(lm, embeds, vision_mask, stages, rope_positions=None, deepst
         score = probs[rows].mean(dim=0).tolist() if rows else [0.0] * h.shape[1]
         return stage(h[0], score, vision, *settings)
 
-    return eager_prefill(lm, embeds, vision_mask, LayerStages(stages, sparsify), rope_positions, deepstack)
+    return eager_prefill(lm, embeds, vision_mask, LayerStages(stages, sparsify), rope_positions, deepstack,
+                         caches=caches)

@@ -1,8 +1,6 @@
 """The authors' literal settings and the `authors_compat` option (docs/fastmmoe.md 2.11 and section 3):
 what differs from the default semantics, pinned on small hand-computed cases in the batched kernel
 (algorithm.merge_stage) and in an exported engine against the eager reference."""
-import os
-
 import pytest
 import torch
 
@@ -99,34 +97,62 @@ def test_compat_batch_equals_each_sample_alone():
             torch.testing.assert_close(x[b:b + 1], y)
 
 
-# The compat count's symbolic shape makes the pass's shape propagation slow (minutes a stage), too slow
-# for CI's time budget: run by hand with FASTMMOE_EXPENSIVE_TESTS=1. The compat kernel itself is
-# pinned by the fast tests in this file (hand-computed cases, random stages against the reference).
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FASTMMOE_EXPENSIVE_TESTS") != "1",
-                    reason="minutes of symbolic shape propagation: set FASTMMOE_EXPENSIVE_TESTS=1 to run")
-def test_compat_engine_matches_eager_reference():
-    """Exported program (export backend) with authors_compat against the eager reference in compat mode,
-    44 vision tokens, W = 3 (the last window is partial, so the padding counts), merge_ratio 0.05.
+# The compat count is an unbacked size in the graph (ops.merge_tokens' fake): shape propagation stays
+# cheap however many stages there are (its exact floor-division expression grew ~60x a stage).
+COMPAT = FastMMoEConfig(reduce_from_layer=1, merge_layers=(1, 2, 3), stage_ratios=(0.91, 0.4, 0.91), merge_ratio=0.05,
+                        window=3, alpha=0.5, authors_compat=True)
+COMPAT_STAGES = {layer: (ratio, 0.05, 3, 0.5, "hybrid", "mlerp", True)
+                 for layer, ratio in zip(COMPAT.merge_layers, COMPAT.stage_ratios)}
+
+
+def compat_prompt(hidden: int):
+    """44 vision tokens, W = 3 (the last window is partial, so the padding counts), merge_ratio 0.05.
     Stage 1, r = 0.91: T = 40, floor(40*0.05) = 2 merged windows, 40 left in both semantics.
-    Stage 2, r = 0.4: T = 16, floor(16*0.05) = 0: the authors skip it (40 left); ours prunes to 16."""
+    Stage 2, r = 0.4: T = 16, floor(16*0.05) = 0: the authors skip it (40 left); ours prunes to 16.
+    Stage 3, r = 0.91: T = 36, floor(36*0.05) = 1 merged window: 36 left."""
+    embeds, mask = prompt(2, 52, slice(4, 48), hidden, seed=3)
+    return embeds, mask, mask.nonzero()[:, 1].reshape(2, -1)
+
+
+def test_compat_program_matches_eager_reference():
+    """Three stages (one the authors skip) through the exported program against the eager reference in
+    compat mode (logits 1e-4, same kept tokens); the default semantics keep fewer tokens."""
     loaded = tiny_model("tiny-qwen3-moe")
-    config = FastMMoEConfig(reduce_from_layer=2, merge_layers=(1, 2), stage_ratios=(0.91, 0.4), merge_ratio=0.05,
-                            window=3, alpha=0.5, authors_compat=True)
-    _, program, _ = rewrite(loaded, config)
-    embeds, mask = prompt(2, 52, slice(4, 48), loaded.config.hidden_size, seed=3)
-    positions = mask.nonzero()[:, 1].reshape(2, -1)
+    _, program, _ = rewrite(loaded, COMPAT)
+    embeds, mask, positions = compat_prompt(loaded.config.hidden_size)
     with torch.no_grad():
         logits, kept = program.module()(embeds, positions)
-    stages = {1: (0.91, 0.05, 3, 0.5, "hybrid", "mlerp", True), 2: (0.4, 0.05, 3, 0.5, "hybrid", "mlerp", True)}
-    ref_logits, ref_kept = eager_fastmmoe(loaded.lm, embeds, mask, 2, config.kv(loaded.family.top_k(loaded.config)),
-                                          stages)
+    kv = COMPAT.kv(loaded.family.top_k(loaded.config))
+    ref_logits, ref_kept = eager_fastmmoe(loaded.lm, embeds, mask, 1, kv, COMPAT_STAGES)
     assert kept.tolist() == ref_kept
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
-    assert kept.shape[1] == 8 + 40
-    _, default_program, _ = rewrite(loaded, FastMMoEConfig(**{**config.to_dict(), "authors_compat": False}))
+    assert kept.shape[1] == 8 + 36
+    _, default_program, _ = rewrite(loaded, FastMMoEConfig(**{**COMPAT.to_dict(), "authors_compat": False}))
     with torch.no_grad():
-        assert default_program.module()(embeds, positions)[1].shape[1] == 8 + 16
+        assert default_program.module()(embeds, positions)[1].shape[1] < 8 + 36
+
+
+@pytest.mark.slow
+def test_compat_aoti_engine_prefills_and_generates_as_the_eager_reference(tmp_path):
+    """The AOTInductor engine of the same three compat stages, saved and loaded: prefill logits and kept
+    tokens equal the eager reference; greedy generate equals eager greedy decoding after that prefill."""
+    from fastmmoe_compile import compile_model, load_engine
+
+    from .reference import eager_generate
+    from .test_decode import sharp_model
+
+    loaded = sharp_model("tiny-qwen3-moe")
+    compile_model(loaded, COMPAT, tmp_path / "engine", backend="inductor", quiet=True)
+    eng = load_engine(tmp_path / "engine")
+    assert eng.manifest["config"]["authors_compat"] is True
+    embeds, mask, positions = compat_prompt(loaded.config.hidden_size)
+    kv = COMPAT.kv(loaded.family.top_k(loaded.config))
+    out = eng.prefill(inputs_embeds=embeds, vision_positions=positions)
+    ref_logits, ref_kept = eager_fastmmoe(loaded.lm, embeds, mask, 1, kv, COMPAT_STAGES)
+    assert out.kept_positions.tolist() == ref_kept
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-4, rtol=0)
+    tokens = eng.generate(inputs_embeds=embeds, vision_positions=positions, max_new_tokens=8)
+    assert [t.tolist() for t in tokens] == eager_generate(loaded.lm, embeds, mask, 1, kv, COMPAT_STAGES, 8)
 
 
 @pytest.mark.parametrize("strategy,method", [("hybrid", "mlerp"), ("routing", "mean"), ("attention", "mlerp")])
@@ -152,3 +178,12 @@ def test_compat_kernel_matches_the_reference_on_random_stages(strategy, method):
                                                   strategy, method, compat=True)
         assert keep[0].tolist() == ref_keep, (trial, n, window, ratio, merge_ratio)
         torch.testing.assert_close(new_hidden[0], ref_hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_backend_refuses_compat_before_any_work(tmp_path):
+    from fastmmoe_compile import compile_model
+    from fastmmoe_compile.lower.backends import BackendError
+
+    with pytest.raises(BackendError, match="--authors-compat is not supported by --backend onnx"):
+        compile_model("tiny-qwen3-moe", COMPAT, tmp_path / "engine", backend="onnx", quiet=True)
+    assert not (tmp_path / "engine").exists()

@@ -74,7 +74,21 @@ def insert_call(graph: torch.fx.Graph, op, args=(), settings: dict | None = None
         node = graph.call_function(op, args)
     node.meta = {k: v for k, v in like.meta.items() if k in COPIED_META} if like is not None else {}
     node.meta["val"] = fake_call(op, *args)
+    _bind_unbacked_sizes(node)
     return node
+
+
+def _bind_unbacked_sizes(node: torch.fx.Node) -> None:
+    """Record the unbacked sizes a new node's fake value created (a data-dependent token count), as
+    torch.export does, so that later fake propagation rebinds them instead of finding them pending."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+    mode = detect_fake_mode(node.meta["val"] if isinstance(node.meta["val"], tuple) else (node.meta["val"],))
+    if mode is not None and mode.shape_env is not None:
+        bindings = compute_unbacked_bindings(mode.shape_env, node.meta["val"])
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
 
 
 def insert_copies(graph: torch.fx.Graph, nodes: list[torch.fx.Node], before: torch.fx.Node) -> dict:
