@@ -11,7 +11,8 @@ copy).
 A tensor is stored once per storage view: two programs' entries that are the same view of the
 same memory (the usual case: the decode program holds the backbone's parameters under the same
 names) share one key. The manifest's programs[role]["weights"] maps a program's names to keys
-where they differ ({} when every name is its own key).
+where they differ ({} when every name is its own key). The token-embedding table the runtime
+embeds prompts with is one of these tensors too (include(); manifest["embeddings"] names its key).
 """
 from __future__ import annotations
 
@@ -59,6 +60,19 @@ class SharedWeights:
             if key != name:
                 renames[name] = key
         return renames
+
+    def include(self, name: str, tensor: torch.Tensor) -> str:
+        """The key of `tensor` (a view some program already holds keeps its key; another is added
+        under `name`, made unique): how the engine's token-embedding table is stored once, in this
+        file, instead of in a file of its own."""
+        key = self._keys.get(_view(tensor))
+        if key is None:
+            key = name
+            while key in self.tensors:
+                key = "_" + key
+            self.tensors[key] = tensor.detach()
+            self._keys[_view(tensor)] = key
+        return key
 
     def save(self, file: Path) -> None:
         """One safetensors file (keys as add() named them). safetensors stores dense tensors with no
