@@ -207,10 +207,10 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool,
     backend stores the weights there)."""
     name = backend.file(role)
     with step(f"lower {'' if role == 'backbone' else role + ' '}({backend.lowering})", quiet):
-        backend.write(program, tmp / name, role)
+        extra = backend.write(program, tmp / name, role, weights) or {}
     if backend.shared_weights:
-        return {"file": name, "weights": weights.add(role, program)}
-    return {"file": name}
+        return {"file": name, **extra, "weights": weights.add(role, program)}
+    return {"file": name, **extra}
 
 
 def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | SparseVLMConfig, record: PassRecord, backend: str,

@@ -77,13 +77,14 @@ def test_engine_holds_one_copy_of_the_weights(export_engine, wide_checkpoint):
 
 
 def stored_tensors(engine_dir):
-    """(file, name, sha256 of the bytes) of every tensor stored in the engine dir: the safetensors
-    files' tensors and the ONNX files' initializers (inline or external), each read as stored."""
+    """(file, name, elements, sha256 of the bytes) of every tensor stored in the engine dir: the
+    safetensors files' tensors and the ONNX files' initializers, inline or external (an external
+    one as (data file, "offset+length"), once however many programs point at that region)."""
     import hashlib
 
     from safetensors import safe_open
 
-    out = []
+    out, regions = [], set()
     for file in sorted(engine_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for k in f.keys():
@@ -94,9 +95,17 @@ def stored_tensors(engine_dir):
         from onnx import numpy_helper
 
         for init in onnx.load(str(file), load_external_data=False).graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:
+            if init.data_location == onnx.TensorProto.EXTERNAL:  # a region of a data file: hashed once per region
                 info = {e.key: e.value for e in init.external_data}
-                out.append((file.name, init.name, 0, f"external:{info['location']}:{info.get('offset', 0)}"))
+                region = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+                if region in regions:
+                    continue
+                with open(engine_dir / region[0], "rb") as f:
+                    f.seek(region[1])
+                    data = f.read(region[2])
+                regions.add(region)
+                numel = region[2] // onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+                out.append((region[0], f"{region[1]}+{region[2]}", numel, hashlib.sha256(data).hexdigest()))
             else:
                 array = numpy_helper.to_array(init)
                 out.append((file.name, init.name, array.size, hashlib.sha256(array.tobytes()).hexdigest()))
@@ -269,3 +278,37 @@ def test_checkpoint_is_read_once_into_memory_of_its_own(wide_checkpoint, tmp_pat
     assert sum(storages.values()) <= (checkpoint / "model.safetensors").stat().st_size
     with one_host_copy("cuda"):  # a GPU target: each tensor goes to the device as read; nothing changes
         assert modeling_utils.safe_open is spy and SEQUENTIAL_LOAD_ENV not in os.environ
+
+
+def test_onnx_engine_stores_the_weights_once(wide_checkpoint, engine, tmp_path):
+    """The ONNX programs (prefill and decode) point into one external-data file, each distinct
+    tensor once (lower/onnx.py SHARED_DATA_FILE); before, each .onnx carried all the weights (over
+    2x the checkpoint). Its logits and tokens are the export backend's."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+    import onnx
+
+    out = tmp_path / "onnx"
+    compile_model(str(wide_checkpoint), CONFIG, out=out, backend="onnx", quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {role: entry["data"] for role, entry in manifest["programs"].items()} == \
+        {"backbone": "weights.onnx.data", "decode": "weights.onnx.data"}
+    checkpoint_bytes = (wide_checkpoint / "model.safetensors").stat().st_size
+    # The exporter's folded constants (transposed weights) are the same size as the weights; the
+    # alignment padding is at most a page per tensor.
+    assert (out / "weights.onnx.data").stat().st_size < 1.1 * checkpoint_bytes
+    for program in ("backbone.onnx", "decode.onnx"):  # the graphs: no weights inline
+        graph = onnx.load(str(out / program), load_external_data=False).graph
+        assert sum(len(i.raw_data) for i in graph.initializer) < 16 * 1024
+    seen = assert_each_tensor_stored_once(out)
+    assert sum(f.startswith("weights.onnx.data:") for f in seen.values()) > 0
+    onnx_engine = load_engine(out)
+    ids, mask = _inputs()
+    torch.testing.assert_close(onnx_engine.prefill(ids, vision_mask=mask).logits,
+                               engine.prefill(ids, vision_mask=mask).logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(onnx_engine.generate(ids, vision_mask=mask, max_new_tokens=4),
+                                                 engine.generate(ids, vision_mask=mask, max_new_tokens=4)))
+    # A data file the programs point into is one the loader checks for before ORT reads it.
+    (out / "weights.onnx.data").unlink()
+    with pytest.raises(EngineFormatError, match="weights.onnx.data.*missing"):
+        load_engine(out)

@@ -18,6 +18,8 @@ from ..errors import UserInputError
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
+    from .weights import SharedWeights
+
 # torch only inside the functions: backend_names() stays a cheap import for the CLI.
 
 
@@ -29,7 +31,10 @@ def _nothing_needed() -> None:
 class Backend:
     name: str
     suffix: str  # the program files' extension, with its dot
-    write: Callable[[ExportedProgram, Path, str], None]  # (program, file, role): one program on disk
+    # (program, file, role, weights): one program on disk; weights: the engine's SharedWeights
+    # (lower/weights.py), for a writer whose files point into a shared external-data file
+    # (weights.external_data()). Returns the extra fields of the program's manifest entry, or None.
+    write: Callable[[ExportedProgram, Path, str, SharedWeights], dict | None]
     in_process: Callable[[ExportedProgram, str], Callable]  # (program, role) -> what the engine calls
     lowering: str = "torch.export.save"  # progress label of write
     in_process_label: str = "eager"  # progress label of in_process
@@ -81,7 +86,7 @@ def vision_backend(backend: Backend) -> Backend:
 
 # --- the built-in backends ---
 
-def _aoti_write(program, file, role):
+def _aoti_write(program, file, role, weights):
     from .inductor import package_aoti
 
     package_aoti(program, str(file), constants=False)
@@ -93,7 +98,7 @@ def _compiled(program, role):
     return compile_in_process(program)
 
 
-def _export_write(program, file, role):
+def _export_write(program, file, role, weights=None):
     import torch
 
     from .weights import weights_detached
@@ -108,10 +113,13 @@ def _eager(program, role):
     return program.module()
 
 
-def _onnx_write(program, file, role):
-    from .onnx import export_onnx
+def _onnx_write(program, file, role, weights):
+    """The .onnx file holds the graph; every initializer of 1 KiB or more is external data in the
+    engine's one ONNX data file, shared by the prefill and decode programs (lower/onnx.py)."""
+    from .onnx import SHARED_DATA_FILE, export_onnx
 
-    export_onnx(program, file)
+    export_onnx(program, file, data=weights.external_data(Path(file).parent / SHARED_DATA_FILE))
+    return {"data": SHARED_DATA_FILE}
 
 
 def _onnx_in_process(program, role):

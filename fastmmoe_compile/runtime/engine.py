@@ -236,7 +236,7 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if not isinstance(model.get("model_type"), str):
         raise _field_error(path, "model.model_type", model.get("model_type"), "a string")
     _check_input_specs(path, model)
-    needed = [_program_file(path, manifest, role) for role in _roles(path, manifest)]
+    needed = [file for role in _roles(path, manifest) for file in _program_files(path, manifest, role)]
     if manifest.get("vision") is not None:
         from .multimodal import check_vision_facts
 
@@ -302,15 +302,17 @@ def _roles(path: Path, manifest: dict) -> list[str]:
     return list(programs)
 
 
-def _program_file(path: Path, manifest: dict, role: str) -> str:
+def _program_files(path: Path, manifest: dict, role: str) -> list[str]:
+    """The files of the program of `role`: its own, and the external-data file it points into
+    ("data", format 4's ONNX programs: lower/onnx.py) where it has one."""
     entry = manifest["programs"][role]
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
             entry.get("backend", manifest["backend"]) not in loader_names() or \
-            not isinstance(entry.get("weights", {}), dict):
+            not isinstance(entry.get("weights", {}), dict) or not isinstance(entry.get("data", ""), str):
         raise _field_error(path, f"programs.{role}", entry,
                            f'{{"file": <a file of the engine>}} (and optionally "backend": one of '
-                           f'{", ".join(loader_names())}, and "weights": an object)')
-    return entry["file"]
+                           f'{", ".join(loader_names())}, "weights": an object, and "data": a file of the engine)')
+    return [entry["file"], *([entry["data"]] if "data" in entry else [])]
 
 
 def _load_embeddings(path: Path, manifest: dict, weights: dict | None) -> torch.Tensor:
