@@ -207,7 +207,11 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool,
     backend stores the weights there)."""
     name = backend.file(role)
     with step(f"lower {'' if role == 'backbone' else role + ' '}({backend.lowering})", quiet):
-        extra = backend.write(program, tmp / name, role, weights) or {}
+        if backend.external_data:
+            extra = backend.write(program, tmp / name, role, weights) or {}
+        else:
+            backend.write(program, tmp / name, role)
+            extra = {}
     if backend.shared_weights:
         return {"file": name, **extra, "weights": weights.add(role, program)}
     return {"file": name, **extra}

@@ -18,8 +18,6 @@ from ..errors import UserInputError
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
-    from .weights import SharedWeights
-
 # torch only inside the functions: backend_names() stays a cheap import for the CLI.
 
 
@@ -31,10 +29,10 @@ def _nothing_needed() -> None:
 class Backend:
     name: str
     suffix: str  # the program files' extension, with its dot
-    # (program, file, role, weights): one program on disk; weights: the engine's SharedWeights
-    # (lower/weights.py), for a writer whose files point into a shared external-data file
-    # (weights.external_data()). Returns the extra fields of the program's manifest entry, or None.
-    write: Callable[[ExportedProgram, Path, str, SharedWeights], dict | None]
+    # (program, file, role): one program on disk. With external_data: (program, file, role, weights)
+    # -> the extra fields of the program's manifest entry (or None), weights being the engine's
+    # SharedWeights (lower/weights.py), whose external_data() files its programs point into.
+    write: Callable[..., dict | None]
     in_process: Callable[[ExportedProgram, str], Callable]  # (program, role) -> what the engine calls
     lowering: str = "torch.export.save"  # progress label of write
     in_process_label: str = "eager"  # progress label of in_process
@@ -43,6 +41,9 @@ class Backend:
     # write() leaves the weights out of the file: they go once into the engine's shared weights
     # file (lower/weights.py), and the loader takes them from there.
     shared_weights: bool = False
+    # write() stores the weights in an external-data file shared by the engine's programs (ONNX),
+    # and takes the SharedWeights that holds it as a fourth argument.
+    external_data: bool = False
 
     def file(self, role: str) -> str:
         return role + self.suffix
@@ -86,7 +87,7 @@ def vision_backend(backend: Backend) -> Backend:
 
 # --- the built-in backends ---
 
-def _aoti_write(program, file, role, weights):
+def _aoti_write(program, file, role):
     from .inductor import package_aoti
 
     package_aoti(program, str(file), constants=False)
@@ -98,7 +99,7 @@ def _compiled(program, role):
     return compile_in_process(program)
 
 
-def _export_write(program, file, role, weights=None):
+def _export_write(program, file, role):
     import torch
 
     from .weights import weights_detached
@@ -148,5 +149,5 @@ register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInduct
                  in_process_label="torch.compile", shared_weights=True))
 register(Backend("export", ".pt2", _export_write, _eager, shared_weights=True))
 register(Backend("onnx", ".onnx", _onnx_write, _onnx_in_process, lowering="torch.onnx.export",
-                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export"))  # no ONNX vision encoder yet
+                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export", external_data=True))  # no ONNX vision encoder yet
 register(Backend("tensorrt", ".plan", _export_write, _eager, require=_tensorrt_required))  # a name, refused

@@ -127,7 +127,7 @@ def _externalize(model, path: Path, data) -> None:
                          "location relative to the model)")
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BYTES:
+        if tensor is None or tensor.nbytes < INLINE_BYTES:
             continue
         array = np.ascontiguousarray(tensor.numpy())  # a view of the exported tensor's memory where it can be
         offset, length = data.place((tensor.dtype, tuple(tensor.shape.numpy())), array)
