@@ -119,9 +119,9 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
         raise ShapeOnlyModelError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
     # The token-embedding table stays on the host (runtime/device.py): prompts are embedded there.
-    embeddings = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach().cpu()
+    table = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:
-        return _in_process(loaded, program, backend, config, record, embeddings, quiet, decode, device)
+        return _in_process(loaded, program, backend, config, record, table.cpu(), quiet, decode, device)
     weights = SharedWeights()  # every program's tensors, written once below
     with atomic_directory(out, overwrite=overwrite) as tmp:
         programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet, weights)}
@@ -131,21 +131,30 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
             programs["decode"] = _write_program(_export_decode(loaded, quiet), backend, tmp, "decode", quiet, weights)
             programs["decode"]["cache"] = "prefill returns key_l, value_l per layer"
         with step("write engine", quiet):
-            from safetensors.torch import save_file
-
-            save_file({"weight": embeddings.contiguous()}, str(tmp / EMBEDDINGS_FILE))
-            _as_plain_file(tmp / EMBEDDINGS_FILE)
-            shared = {}
-            if weights.tensors:
-                weights.save(tmp / WEIGHTS_FILE)
-                _as_plain_file(tmp / WEIGHTS_FILE)
-                shared = {"weights": {"file": WEIGHTS_FILE}}
+            files = _write_weights(tmp, weights, table)
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
             manifest = _manifest(loaded, config, record, backend.name, programs, device)
-            write_manifest(tmp, {**manifest, "embeddings": {"file": EMBEDDINGS_FILE}, **shared})
+            write_manifest(tmp, {**manifest, **files})
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
     return load_engine(out)
+
+
+def _write_weights(tmp: Path, weights: SharedWeights, table: torch.Tensor) -> dict:
+    """The weights file (where programs take their weights from it) with the token-embedding table
+    [vocab, H] stored once in it (format 4: the backbone's own embed_tokens weight, under its
+    key), else the table alone in embeddings.safetensors. Returns the manifest's "embeddings"
+    ({"file", "tensor": its key in the file}) and "weights" ({"file"}, where written) entries."""
+    if not weights.tensors:  # no program takes its weights from a shared file (no such backend is built-in)
+        from safetensors.torch import save_file
+
+        save_file({"weight": table.cpu().contiguous()}, str(tmp / EMBEDDINGS_FILE))
+        _as_plain_file(tmp / EMBEDDINGS_FILE)
+        return {"embeddings": {"file": EMBEDDINGS_FILE, "tensor": "weight"}}
+    key = weights.include("embed_tokens.weight", table)
+    weights.save(tmp / WEIGHTS_FILE)
+    _as_plain_file(tmp / WEIGHTS_FILE)
+    return {"embeddings": {"file": WEIGHTS_FILE, "tensor": key}, "weights": {"file": WEIGHTS_FILE}}
 
 
 def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode, device="cpu") -> Engine:
@@ -203,10 +212,14 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool,
     backend stores the weights there)."""
     name = backend.file(role)
     with step(f"lower {'' if role == 'backbone' else role + ' '}({backend.lowering})", quiet):
-        backend.write(program, tmp / name, role)
+        if backend.external_data:
+            extra = backend.write(program, tmp / name, role, weights) or {}
+        else:
+            backend.write(program, tmp / name, role)
+            extra = {}
     if backend.shared_weights:
-        return {"file": name, "weights": weights.add(role, program)}
-    return {"file": name}
+        return {"file": name, **extra, "weights": weights.add(role, program)}
+    return {"file": name, **extra}
 
 
 def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | SparseVLMConfig, record: PassRecord, backend: str,

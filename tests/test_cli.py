@@ -168,8 +168,7 @@ def test_engine_dir_overwrite_modes_and_abandoned_partials(tmp_path, capsys):
     assert main(COMPILE + [str(tmp_path / "e")]) == 0
     assert sorted(p.name for p in tmp_path.glob(".*.partial")) == [".c.live.partial", ".d.unmarked.partial"]
     files = sorted(p.name for p in (tmp_path / "e").iterdir())
-    assert files == ["backbone.pt2", "embeddings.safetensors", "graph_diff.txt", "manifest.json",
-                     "weights.safetensors"]  # no marker
+    assert files == ["backbone.pt2", "graph_diff.txt", "manifest.json", "weights.safetensors"]  # no marker
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "e").iterdir()} == \
         {name: oct(0o666 & ~umask) for name in files}
     assert (tmp_path / "e").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -108,7 +108,7 @@ def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
         load_engine(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(aoti_engine, copy)
-    (copy / "embeddings.safetensors").write_bytes(b"x" * (copy / "embeddings.safetensors").stat().st_size)
+    (copy / "weights.safetensors").write_bytes(b"x" * (copy / "weights.safetensors").stat().st_size)
     with pytest.raises(EngineFormatError, match="sha256"):
         load_engine(copy)
     (copy / "backbone.pt2").unlink()
@@ -256,7 +256,8 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
     "hidden-size-string": ("text", _set("model", "hidden_size", "64"),
                            "manifest field model.hidden_size is '64'; expected a positive int"),
     "hidden-size-wrong": ("text", _set("model", "hidden_size", 32),
-                          "embeddings.safetensors holds a float32 tensor of shape [256, 64], not the [vocab, 32]"),
+                          "weights.safetensors holds a float32 tensor of shape [256, 64] under "
+                          "'lm.model.embed_tokens.weight', not the [vocab, 32]"),
     "vocab-size-zero": ("text", _set("model", "vocab_size", 0), "manifest field model.vocab_size is 0"),
     "model-type-missing": ("text", _drop("model", "model_type"), "manifest field model.model_type is None"),
     "extra-inputs-unknown": ("text", _set("model", "extra_inputs", ["position_ids"]),
@@ -278,6 +279,14 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
                                       "'vision.pt2', 'weights': {}}; expected an entry exactly when"),
     "embeddings-not-an-object": ("text", _set("embeddings", "embeddings.safetensors"),
                                  "manifest field embeddings is 'embeddings.safetensors'"),
+    "embeddings-tensor-not-a-string": ("text", _set("embeddings", "tensor", 3),
+                                       "manifest field embeddings is {'file': 'weights.safetensors', 'tensor': 3}"),
+    "embeddings-tensor-unknown": ("text", _set("embeddings", "tensor", "nope"),
+                                  "weights.safetensors does not hold the token embeddings 'nope'"),
+    "decode-data-unknown": ("text", _set("programs", "decode", "data", "nope.data"),
+                            "nope.data is not listed in the manifest's files"),
+    "decode-data-not-a-string": ("text", _set("programs", "decode", "data", 1),
+                                 "manifest field programs.decode is {'file': 'decode.pt2'"),
     "files-missing": ("text", _drop("files"), 'has no "files" table'),
     "files-not-a-table": ("text", _set("files", ["backbone.pt2"]), 'has a malformed "files" table'),
     "files-entry-without-sha256": ("text", _drop("files", "backbone.pt2", "sha256"),
@@ -297,8 +306,7 @@ MANIFEST_CASES = {  # id: (engine, edit of the manifest dict, message fragment)
                                "backbone.pt2 is not listed in the manifest's files, so its size and hash cannot be "
                                "verified"),
     "files-without-decode": ("text", _drop("files", "decode.pt2"), "decode.pt2 is not listed"),
-    "files-without-embeddings": ("text", _drop("files", "embeddings.safetensors"),
-                                 "embeddings.safetensors is not listed"),
+    "files-without-weights": ("text", _drop("files", "weights.safetensors"), "weights.safetensors is not listed"),
     "files-without-vision": ("vlm", _drop("files", "vision.pt2"), "vision.pt2 is not listed"),
     "vision-family-unknown": ("vlm", _set("vision", "family", "llava_onevision"),
                               "vision family 'llava_onevision' (manifest field vision.family) is not one this "

@@ -29,7 +29,10 @@ def _nothing_needed() -> None:
 class Backend:
     name: str
     suffix: str  # the program files' extension, with its dot
-    write: Callable[[ExportedProgram, Path, str], None]  # (program, file, role): one program on disk
+    # (program, file, role): one program on disk. With external_data: (program, file, role, weights)
+    # -> the extra fields of the program's manifest entry (or None), weights being the engine's
+    # SharedWeights (lower/weights.py), whose external_data() files its programs point into.
+    write: Callable[..., dict | None]
     in_process: Callable[[ExportedProgram, str], Callable]  # (program, role) -> what the engine calls
     lowering: str = "torch.export.save"  # progress label of write
     in_process_label: str = "eager"  # progress label of in_process
@@ -38,6 +41,9 @@ class Backend:
     # write() leaves the weights out of the file: they go once into the engine's shared weights
     # file (lower/weights.py), and the loader takes them from there.
     shared_weights: bool = False
+    # write() stores the weights in an external-data file shared by the engine's programs (ONNX),
+    # and takes the SharedWeights that holds it as a fourth argument.
+    external_data: bool = False
 
     def file(self, role: str) -> str:
         return role + self.suffix
@@ -108,10 +114,13 @@ def _eager(program, role):
     return program.module()
 
 
-def _onnx_write(program, file, role):
-    from .onnx import export_onnx
+def _onnx_write(program, file, role, weights):
+    """The .onnx file holds the graph; every initializer of 1 KiB or more is external data in the
+    engine's one ONNX data file, shared by the prefill and decode programs (lower/onnx.py)."""
+    from .onnx import SHARED_DATA_FILE, export_onnx
 
-    export_onnx(program, file)
+    export_onnx(program, file, data=weights.external_data(Path(file).parent / SHARED_DATA_FILE))
+    return {"data": SHARED_DATA_FILE}
 
 
 def _onnx_in_process(program, role):
@@ -140,5 +149,5 @@ register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInduct
                  in_process_label="torch.compile", shared_weights=True))
 register(Backend("export", ".pt2", _export_write, _eager, shared_weights=True))
 register(Backend("onnx", ".onnx", _onnx_write, _onnx_in_process, lowering="torch.onnx.export",
-                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export"))  # no ONNX vision encoder yet
+                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export", external_data=True))  # no ONNX vision encoder yet
 register(Backend("tensorrt", ".plan", _export_write, _eager, require=_tensorrt_required))  # a name, refused

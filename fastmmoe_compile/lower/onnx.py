@@ -44,6 +44,11 @@ from ..errors import UnsupportedModelError, UserInputError
 from .complex_real import real_valued
 
 DOMAIN = "fastmmoe"
+# An engine's ONNX programs keep their initializers (of INLINE_BYTES or more) in this one file
+# beside them, as ONNX external data: each distinct tensor once (lower/weights.ExternalData), so the
+# prefill and decode programs, which hold the same weights, point at the same bytes.
+SHARED_DATA_FILE = "weights.onnx.data"
+INLINE_BYTES = 1024  # smaller initializers (scalars, shapes, norms) stay inside the .onnx file
 OPSET = 20  # the ai.onnx version torch.onnx.export emits by default (2.13)
 # Beyond this the model's weights go to an external data file (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -68,10 +73,16 @@ def require_onnx():
 SUPPORTED_DTYPES = (torch.float32,)
 
 
-def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
-    """Write the program as an ONNX model at `path` (weights beside it in `<name>.data` when large).
+def export_onnx(program: ExportedProgram, path: str | os.PathLike, data=None) -> Path:
+    """Write the program as an ONNX model at `path`. Its weights: with `data` (a
+    lower.weights.ExternalData, the engine's SHARED_DATA_FILE), every initializer of INLINE_BYTES
+    or more goes there as external data (location relative to `path`'s directory, which must be the
+    data file's), stored once across the programs that share it; without, inline in the file, or
+    beside it in `<name>.data` when over EXTERNAL_DATA_BYTES (protobuf's 2 GiB limit).
 
-    Every input and output of the program is kept, in order, with its dynamic axes."""
+    Every input and output of the program is kept, in order, with its dynamic axes.
+    UnsupportedModelError for weights of a dtype the backend does not support (SUPPORTED_DTYPES);
+    OnnxUnavailableError without the onnx extra."""
     require_onnx()
     import onnx_ir as ir
     from onnx import helper
@@ -96,9 +107,32 @@ def export_onnx(program: ExportedProgram, path: str | os.PathLike) -> Path:
         model.functions[function.identifier()] = function
         model.opset_imports[DOMAIN] = 1
     path = Path(path)
+    if data is not None:
+        _externalize(model, path, data)
+        ir.save(model, str(path))  # the graph; the external tensors stay references into `data`
+        return path
     external = sum(t.nbytes for t in program.state_dict.values()) > EXTERNAL_DATA_BYTES
     onnx_program.save(str(path), external_data=external)
     return path
+
+
+def _externalize(model, path: Path, data) -> None:
+    """Every initializer of `model` of INLINE_BYTES or more becomes an external tensor in `data`
+    (its bytes placed there once: equal bytes of another program reuse the same offset)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    if data.file.parent.resolve() != path.parent.resolve():
+        raise ValueError(f"the ONNX data file {data.file} must be beside {path} (external data is found by a "
+                         "location relative to the model)")
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < INLINE_BYTES:
+            continue
+        array = np.ascontiguousarray(tensor.numpy())  # a view of the exported tensor's memory where it can be
+        offset, length = data.place((tensor.dtype, tuple(tensor.shape.numpy())), array)
+        value.const_value = ir.ExternalTensor(data.file.name, offset, length, tensor.dtype, shape=tensor.shape,
+                                              name=name, base_dir=str(path.parent))
 
 
 def _names(program: ExportedProgram) -> tuple[list[str] | None, dict[str, dict[int, str]]]:

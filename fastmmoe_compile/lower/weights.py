@@ -11,7 +11,8 @@ copy).
 A tensor is stored once per storage view: two programs' entries that are the same view of the
 same memory (the usual case: the decode program holds the backbone's parameters under the same
 names) share one key. The manifest's programs[role]["weights"] maps a program's names to keys
-where they differ ({} when every name is its own key).
+where they differ ({} when every name is its own key). The token-embedding table the runtime
+embeds prompts with is one of these tensors too (include(); manifest["embeddings"] names its key).
 """
 from __future__ import annotations
 
@@ -40,12 +41,63 @@ def _view(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+class ExternalData:
+    """One raw external-data file that several programs' files point into (ONNX: each initializer
+    as location + offset + length), each distinct content stored once: place() appends bytes the
+    file does not hold yet and returns where they are, or where the same bytes already are.
+
+    Content-addressed, not name-addressed: the ONNX exporter folds constant expressions of the
+    weights (a transposed projection, the experts' [E, I, H] -> [E, H, I]) into new initializers
+    under names of its own, which differ between the prefill and decode programs while their bytes
+    are equal. Offsets are aligned to ALIGNMENT bytes (a page: ONNX Runtime can map aligned
+    tensors of an external file instead of reading them)."""
+
+    ALIGNMENT = 4096
+
+    def __init__(self, file: Path):
+        self.file = Path(file)
+        self._index: dict[tuple, tuple[int, int]] = {}  # (dtype, shape, length, blake2b) -> (offset, length)
+        self._size = 0
+        self.file.write_bytes(b"")
+
+    def place(self, kind: tuple, data) -> tuple[int, int]:
+        """(offset, length) in bytes of `data` (a contiguous buffer: bytes, a numpy array) in the file;
+        kind: what the bytes are (dtype, shape), so that equal bytes of another kind stay apart."""
+        import hashlib
+
+        view = memoryview(data).cast("B")
+        key = (*kind, view.nbytes, hashlib.blake2b(view, digest_size=20).hexdigest())
+        if key not in self._index:
+            offset = -(-self._size // self.ALIGNMENT) * self.ALIGNMENT
+            with open(self.file, "r+b") as f:
+                f.seek(offset)
+                f.write(view)
+            self._size = offset + view.nbytes
+            self._index[key] = (offset, view.nbytes)
+        return self._index[key]
+
+    @property
+    def stored_bytes(self) -> int:
+        """The distinct contents' bytes (the file's size less the alignment padding)."""
+        return sum(length for _, length in self._index.values())
+
+
 class SharedWeights:
-    """The tensors of an engine's programs, each view of memory once, gathered by add() and written by save()."""
+    """The tensors of an engine's programs, each view of memory once, gathered by add() and written
+    by save(); and the engine's raw external-data files (external_data()), for the backends whose
+    program files point into one rather than take their tensors from this one."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
         self._keys: dict[tuple, str] = {}
+        self._external: dict[Path, ExternalData] = {}
+
+    def external_data(self, file: Path) -> ExternalData:
+        """The ExternalData at `file` (created, empty, on first use), shared by every program that asks."""
+        file = Path(file)
+        if file not in self._external:
+            self._external[file] = ExternalData(file)
+        return self._external[file]
 
     def add(self, role: str, program) -> dict[str, str]:
         """Gather `program`'s tensors; returns its {name: key} for the names whose key differs."""
@@ -59,6 +111,19 @@ class SharedWeights:
             if key != name:
                 renames[name] = key
         return renames
+
+    def include(self, name: str, tensor: torch.Tensor) -> str:
+        """The key of `tensor` (a view some program already holds keeps its key; another is added
+        under `name`, made unique): how the engine's token-embedding table is stored once, in this
+        file, instead of in a file of its own."""
+        key = self._keys.get(_view(tensor))
+        if key is None:
+            key = name
+            while key in self.tensors:
+                key = "_" + key
+            self.tensors[key] = tensor.detach()
+            self._keys[_view(tensor)] = key
+        return key
 
     def save(self, file: Path) -> None:
         """One safetensors file (keys as add() named them). safetensors stores dense tensors with no

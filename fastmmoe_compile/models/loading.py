@@ -4,7 +4,8 @@ device (no memory, no random init), then the checkpoint's tensors are read one b
 placed, and assigned as the parameters (load_state_dict(assign=True)). Peak host memory is then
 about one copy of the weights in the target dtype (none on the host for a GPU target), where
 building first and loading after held a random fp32 model plus the checkpoint.
-Native families get the same from transformers' own from_pretrained (dtype=, device_map=).
+Native families get the same from transformers' own from_pretrained (dtype=, device_map=),
+with its safetensors reads done in order by pread rather than ahead by mmap on the CPU (one_host_copy).
 """
 from __future__ import annotations
 
@@ -33,15 +34,73 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = original
 
 
+# safetensors' read backends (safe_open(..., backend=)): "mmap" (its default) or "pread".
+HOST_BACKEND = "pread"
+# transformers' switch for its thread pool that reads every checkpoint tensor ahead of the conversions.
+SEQUENTIAL_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
+
+
+def host_backend(device: str) -> dict:
+    """safe_open's keywords for reading onto `device` ("cpu", "cuda", ...): pread for the CPU.
+
+    Why: an mmap-backed read leaves every page it touched resident in this process (and counted
+    in its RSS) for as long as any tensor still views the mapping. transformers keeps the tensors
+    it needs no conversion for as views of the mapping, so after loading a checkpoint whose
+    experts it fuses (qwen3_moe: per-expert matrices -> one [E, 2I, H] tensor) the process held
+    the fused copy *and* the whole file's mapped pages: 2.1x the checkpoint in peak RSS
+    (benchmarks/bench_load_rss.py, RESULTS.md). pread copies each tensor into memory of its own
+    and leaves the file in the page cache, which the kernel can drop."""
+    return {"backend": HOST_BACKEND} if torch.device(device).type == "cpu" else {}
+
+
+@contextlib.contextmanager
+def one_host_copy(device: str | torch.device | None):
+    """transformers' from_pretrained, inside, loading for a CPU target (`device` None or "cpu"):
+    its safetensors files read with pread instead of mmap (see host_backend), one tensor at a time
+    as its conversions ask for them (SEQUENTIAL_LOAD_ENV) rather than by a thread pool that reads
+    them all ahead: with pread, reading ahead holds every per-expert piece beside the fused
+    tensors (1.9x the checkpoint measured); in order, peak RSS is about one copy plus one layer's
+    pieces. For another device nothing changes (each tensor goes to the device as read).
+    Patches the safe_open that transformers.modeling_utils imported and sets the environment
+    variable, for the duration (not thread-safe: another thread's from_pretrained meanwhile loads
+    the same way). A transformers without either is left as it is."""
+    import os
+
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if (device is not None and torch.device(device).type != "cpu") or original is None:
+        yield
+        return
+
+    def safe_open(filename, framework, device="cpu", **kwargs):
+        if kwargs.get("backend", "mmap") == "mmap" and host_backend(device):
+            kwargs["backend"] = HOST_BACKEND
+        return original(filename, framework=framework, device=device, **kwargs)
+
+    env = os.environ.get(SEQUENTIAL_LOAD_ENV)
+    modeling_utils.safe_open = safe_open
+    os.environ[SEQUENTIAL_LOAD_ENV] = "1"
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
+        if env is None:
+            os.environ.pop(SEQUENTIAL_LOAD_ENV, None)
+        else:
+            os.environ[SEQUENTIAL_LOAD_ENV] = env
+
+
 def read_safetensors(files, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict:
     """{name: tensor} of every file, each tensor read into `device` (None: the CPU) and cast to
-    `dtype` (None: as stored) one at a time: never a second full copy."""
+    `dtype` (None: as stored) one at a time: never a second full copy (and, on the CPU, read
+    with pread: no mapping of the file left resident, see host_backend)."""
     from safetensors import safe_open
 
     device = "cpu" if device is None else str(torch.device(device))
     state = {}
     for f in files:
-        with safe_open(str(Path(f)), framework="pt", device=device) as reader:
+        with safe_open(str(Path(f)), framework="pt", device=device, **host_backend(device)) as reader:
             for name in reader.keys():
                 t = reader.get_tensor(name)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

@@ -10,6 +10,7 @@ from ..errors import UnknownModelError
 from .families import (  # noqa: F401  (re-exported: the rest of the package names them from here)
     FAMILIES, VLM_FAMILIES, LoadedModel, UnsupportedModelError, family_for, load_vlm,
 )
+from .loading import one_host_copy
 from .presets import PRESETS
 from .vlm import VLMFamily
 
@@ -98,8 +99,9 @@ def _from_pretrained(name: str, dtype, device=None) -> LoadedModel:
     if config.model_type in VLM_FAMILIES:
         return _vlm_from_pretrained(name, config, dtype, device)
     family = family_for(config)  # fail before reading any weights
-    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
-                                              **_placement(device))
+    with one_host_copy(device):  # models/loading.py: about 1x the checkpoint in peak RSS, not 2x
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
+                                                  **_placement(device))
     _check_causal_lm(lm)
     return LoadedModel(lm, family, name)
 
@@ -130,8 +132,9 @@ def _vlm_from_pretrained(name: str, config, dtype, device=None) -> LoadedModel:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     family_for(VLM_FAMILIES[config.model_type].text_config(config))  # fail before reading any weights
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
-                                                        **_placement(device))
+    with one_host_copy(device):
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype or "auto", attn_implementation="sdpa",
+                                                            **_placement(device))
     # The engine carries the input side; a checkpoint without it still exports, diffs and counts FLOPs.
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

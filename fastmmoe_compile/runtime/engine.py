@@ -22,7 +22,11 @@ from .backends import load_role, load_weights, loader_names
 from .manifest import EngineFormatError, read_manifest
 from .specs import InputSpecError, known_names, known_spec, specs_of
 
-EMBEDDINGS_FILE = "embeddings.safetensors"  # what compile_model names it; loading reads manifest["embeddings"]
+# The token-embedding table [vocab, H]: manifest["embeddings"] = {"file": <a safetensors file of the
+# engine>, "tensor": <its key there>}. Format 4 stores it once, in the shared weights file under the
+# backbone's own name for it; formats 2 and 3 (and a backend without a shared weights file) in a
+# file of its own, EMBEDDINGS_FILE, under "weight" (the default when "tensor" is absent).
+EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
 @dataclass
@@ -192,10 +196,10 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
     check_manifest(path, manifest)
     device = engine_device(path, manifest.get("device"), device)  # before loading any program
     programs = manifest["programs"]
+    weights = load_weights(path, manifest, device)  # once, shared by every program
     embeddings = None
     if manifest.get("embeddings"):
-        embeddings = _load_embeddings(path, manifest["embeddings"]["file"], manifest["model"]["hidden_size"])
-    weights = load_weights(path, manifest, device)  # once, shared by every program
+        embeddings = _load_embeddings(path, manifest, weights)
     front_end = load_front_end(path, manifest, weights)
     if front_end is not None:
         front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
@@ -232,15 +236,17 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if not isinstance(model.get("model_type"), str):
         raise _field_error(path, "model.model_type", model.get("model_type"), "a string")
     _check_input_specs(path, model)
-    needed = [_program_file(path, manifest, role) for role in _roles(path, manifest)]
+    needed = [file for role in _roles(path, manifest) for file in _program_files(path, manifest, role)]
     if manifest.get("vision") is not None:
         from .multimodal import check_vision_facts
 
         check_vision_facts(path, manifest["vision"], model)
     embeddings = manifest.get("embeddings")
     if embeddings is not None:
-        if not isinstance(embeddings, dict) or not isinstance(embeddings.get("file"), str):
-            raise _field_error(path, "embeddings", embeddings, 'absent, or {"file": <a file of the engine>}')
+        if not isinstance(embeddings, dict) or not isinstance(embeddings.get("file"), str) or \
+                not isinstance(embeddings.get("tensor", "weight"), str):
+            raise _field_error(path, "embeddings", embeddings,
+                               'absent, or {"file": <a file of the engine>, "tensor": <its key there>}')
         needed.append(embeddings["file"])
     weights = manifest.get("weights")
     if weights is not None:
@@ -296,28 +302,42 @@ def _roles(path: Path, manifest: dict) -> list[str]:
     return list(programs)
 
 
-def _program_file(path: Path, manifest: dict, role: str) -> str:
+def _program_files(path: Path, manifest: dict, role: str) -> list[str]:
+    """The files of the program of `role`: its own, and the external-data file it points into
+    ("data", format 4's ONNX programs: lower/onnx.py) where it has one."""
     entry = manifest["programs"][role]
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
             entry.get("backend", manifest["backend"]) not in loader_names() or \
-            not isinstance(entry.get("weights", {}), dict):
+            not isinstance(entry.get("weights", {}), dict) or not isinstance(entry.get("data", ""), str):
         raise _field_error(path, f"programs.{role}", entry,
                            f'{{"file": <a file of the engine>}} (and optionally "backend": one of '
-                           f'{", ".join(loader_names())}, and "weights": an object)')
-    return entry["file"]
+                           f'{", ".join(loader_names())}, "weights": an object, and "data": a file of the engine)')
+    return [entry["file"], *([entry["data"]] if "data" in entry else [])]
 
 
-def _load_embeddings(path: Path, file: str, hidden: int) -> torch.Tensor:
-    from safetensors.torch import load_file
+def _load_embeddings(path: Path, manifest: dict, weights: dict | None) -> torch.Tensor:
+    """The token-embedding table [vocab, H] (the weights' dtype) on the host, from the file and key
+    manifest["embeddings"] names (check_manifest vetted its shape). Where that is the shared weights
+    file and the engine runs on the CPU, the very tensor load_weights() read (`weights`): no second
+    copy in memory either; for a CUDA engine only this tensor is read again, onto the host.
+    EngineFormatError when the file lacks the key or the tensor is not [vocab, model.hidden_size]."""
+    from safetensors import safe_open
 
+    entry, hidden = manifest["embeddings"], manifest["model"]["hidden_size"]
+    file, key = entry["file"], entry.get("tensor", "weight")
+    shared = weights is not None and file == (manifest.get("weights") or {}).get("file")
     try:
-        weight = load_file(str(path / file))["weight"]
+        if shared and key in weights and weights[key].device.type == "cpu":
+            weight = weights[key]
+        else:
+            with safe_open(str(path / file), framework="pt", device="cpu") as f:
+                weight = f.get_tensor(key)
     except Exception as e:
-        raise EngineFormatError(f"{path}: {file} does not hold the token embeddings "
-                                f"({type(e).__name__}: {e})") from e
+        raise EngineFormatError(f"{path}: {file} does not hold the token embeddings {key!r} "
+                                f"({type(e).__name__}: {str(e).strip()[:200]})") from e
     if weight.dim() != 2 or weight.shape[1] != hidden or not weight.dtype.is_floating_point:
-        raise EngineFormatError(f"{path}: {file} holds {inputs.given(weight)}, not the [vocab, {hidden}] "
-                                f"token embeddings that manifest field model.hidden_size = {hidden} says")
+        raise EngineFormatError(f"{path}: {file} holds {inputs.given(weight)} under {key!r}, not the [vocab, "
+                                f"{hidden}] token embeddings that manifest field model.hidden_size = {hidden} says")
     return weight
 
 

@@ -14,9 +14,12 @@ from ..errors import UserInputError
 
 FORMAT = "fastmmoe-engine"
 # 2: manifest["programs"] names each role's file (1 had fixed names); 3: the weights stored once
-# (manifest["weights"], runtime/backends.py), which an older reader would load without weights.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# (manifest["weights"], runtime/backends.py), which an older reader would load without weights;
+# 4: the token-embedding table stored once too, in the weights file (manifest["embeddings"]["tensor"]
+# names its key; a version-3 reader would look for it in a file of its own), and ONNX programs
+# whose initializers are external data in that same file.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 MANIFEST = "manifest.json"
 # Inside a partial engine dir while it is written: who writes it, so that a later compile can
 # prove a partial left by a killed one (SIGKILL runs no cleanup) abandoned and remove it.
@@ -59,7 +62,13 @@ def read_manifest(directory: str | os.PathLike, verify_hashes: bool = True) -> d
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EngineFormatError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r})"
                                 if isinstance(manifest, dict) else f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise EngineFormatError(
+            f"{path}: engine format version {version} was written by a newer fastmmoe-compile (this one reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}): upgrade fastmmoe-compile, or recompile the model "
+            "with this one")
+    if version not in READABLE_VERSIONS:
         raise EngineFormatError(
             f"{path}: engine format version {manifest.get('format_version')} is not supported "
             f"(this fastmmoe-compile reads versions {', '.join(map(str, READABLE_VERSIONS))}); recompile the model"
