@@ -15,6 +15,35 @@ TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-mixtral",
         "tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-glm4-moe"]
 
 
+# The order in which test files are handed to the xdist workers: longest first. With `--dist
+# loadfile` (pyproject) a file runs whole in one worker, and xdist hands files out in queue order
+# (`--no-loadscope-reorder`: this order, not xdist's "most tests first"). A long file handed out late
+# keeps one worker busy after the other has run out of work (test_readme.py, 2 tests and minutes of
+# compiles, used to start near the end), so the longest files start first and the short ones fill in.
+# Rough seconds per file, from a 2-worker run on a shared (busy) 2-core box; files not listed (new or
+# short ones) run after these. Only the order depends on these numbers, never what runs.
+FILE_SECONDS = {
+    "test_readme.py": 1200,  # every README command: two Inductor engines (5 AOTInductor programs)
+    "test_engine.py": 1500,  # in-process torch.compile (twice), 2 AOTInductor engines
+    "test_onnx.py": 1100,
+    "test_decode.py": 900,
+    "test_deepseek_vl2.py": 420,
+    "test_qwen3_vl_moe.py": 420,
+    "test_attention_impl.py": 400,
+    "test_serve.py": 360,
+    "test_vlm.py": 300,
+    "test_cli.py": 300,
+    "test_glm4v_moe.py": 180,
+    "test_api_inputs.py": 120,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (FILE_SECONDS), each file's tests in their own order. Every worker
+    collects and sorts the same way, so the workers' collections stay equal (xdist checks that)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: within a file, as written
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
                      help="rewrite tests/golden/* from the current output instead of comparing")
