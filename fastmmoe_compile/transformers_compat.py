@@ -14,7 +14,9 @@ Touch points:
   export always runs SDPA, whatever the user loaded the model with;
 - the experts-implementation switch (`allow_experts_implementation`) for *ForCausalLM classes
   defined outside transformers' modeling files;
-- transformers' export patches for packed vision attention (`export_patches`).
+- transformers' export patches for packed vision attention (`export_patches`);
+- how from_pretrained reads safetensors files (`safetensors_reads`: the `safe_open` that
+  modeling_utils imported, and its read-ahead thread pool's switch `SEQUENTIAL_LOAD_ENV`).
 """
 from __future__ import annotations
 
@@ -139,3 +141,43 @@ def export_patches():
     from transformers.exporters.utils import apply_patches
 
     return apply_patches("dynamo")
+
+
+# transformers' switch for its thread pool that reads every checkpoint tensor ahead of the conversions.
+SEQUENTIAL_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
+
+
+@contextlib.contextmanager
+def safetensors_reads(backend: str):
+    """Inside, transformers' from_pretrained opens its CPU safetensors reads with safe_open's
+    `backend` ("pread", "mmap") instead of the default mmap, and reads one tensor at a time as its
+    conversions ask for them (SEQUENTIAL_LOAD_ENV) rather than all ahead; reads onto another device
+    keep their backend. Patches the safe_open that transformers.modeling_utils imported and sets the
+    environment variable, for the duration (not thread-safe: another thread's from_pretrained
+    meanwhile loads the same way). A transformers without that safe_open is left as it is.
+    Used by models/loading.one_host_copy (why: its docstring)."""
+    import os
+
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:
+        yield
+        return
+
+    def safe_open(filename, framework, device="cpu", **kwargs):
+        if kwargs.get("backend", "mmap") == "mmap" and torch.device(device).type == "cpu":
+            kwargs["backend"] = backend
+        return original(filename, framework=framework, device=device, **kwargs)
+
+    env = os.environ.get(SEQUENTIAL_LOAD_ENV)
+    modeling_utils.safe_open = safe_open
+    os.environ[SEQUENTIAL_LOAD_ENV] = "1"
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
+        if env is None:
+            os.environ.pop(SEQUENTIAL_LOAD_ENV, None)
+        else:
+            os.environ[SEQUENTIAL_LOAD_ENV] = env

@@ -255,7 +255,8 @@ def test_checkpoint_is_read_once_into_memory_of_its_own(wide_checkpoint, tmp_pat
     import transformers.modeling_utils as modeling_utils
 
     from fastmmoe_compile.models import load_model
-    from fastmmoe_compile.models.loading import SEQUENTIAL_LOAD_ENV, one_host_copy
+    from fastmmoe_compile.models.loading import one_host_copy
+    from fastmmoe_compile.transformers_compat import SEQUENTIAL_LOAD_ENV
 
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(wide_checkpoint, checkpoint)  # a file no other test has mapped in this process

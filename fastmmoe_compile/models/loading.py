@@ -36,8 +36,6 @@ def parameters_on_meta():
 
 # safetensors' read backends (safe_open(..., backend=)): "mmap" (its default) or "pread".
 HOST_BACKEND = "pread"
-# transformers' switch for its thread pool that reads every checkpoint tensor ahead of the conversions.
-SEQUENTIAL_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
 def host_backend(device: str) -> dict:
@@ -53,42 +51,19 @@ def host_backend(device: str) -> dict:
     return {"backend": HOST_BACKEND} if torch.device(device).type == "cpu" else {}
 
 
-@contextlib.contextmanager
 def one_host_copy(device: str | torch.device | None):
-    """transformers' from_pretrained, inside, loading for a CPU target (`device` None or "cpu"):
+    """A context for transformers' from_pretrained loading for a CPU target (`device` None or "cpu"):
     its safetensors files read with pread instead of mmap (see host_backend), one tensor at a time
-    as its conversions ask for them (SEQUENTIAL_LOAD_ENV) rather than by a thread pool that reads
-    them all ahead: with pread, reading ahead holds every per-expert piece beside the fused
-    tensors (1.9x the checkpoint measured); in order, peak RSS is about one copy plus one layer's
-    pieces. For another device nothing changes (each tensor goes to the device as read).
-    Patches the safe_open that transformers.modeling_utils imported and sets the environment
-    variable, for the duration (not thread-safe: another thread's from_pretrained meanwhile loads
-    the same way). A transformers without either is left as it is."""
-    import os
+    as its conversions ask for them rather than by a thread pool that reads them all ahead: with
+    pread, reading ahead holds every per-expert piece beside the fused tensors (1.9x the checkpoint
+    measured); in order, peak RSS is about one copy plus one layer's pieces. For another device
+    nothing changes (each tensor goes to the device as read). How transformers is made to read so
+    is a touch point on its internals: transformers_compat.safetensors_reads."""
+    from ..transformers_compat import safetensors_reads
 
-    import transformers.modeling_utils as modeling_utils
-
-    original = getattr(modeling_utils, "safe_open", None)
-    if (device is not None and torch.device(device).type != "cpu") or original is None:
-        yield
-        return
-
-    def safe_open(filename, framework, device="cpu", **kwargs):
-        if kwargs.get("backend", "mmap") == "mmap" and host_backend(device):
-            kwargs["backend"] = HOST_BACKEND
-        return original(filename, framework=framework, device=device, **kwargs)
-
-    env = os.environ.get(SEQUENTIAL_LOAD_ENV)
-    modeling_utils.safe_open = safe_open
-    os.environ[SEQUENTIAL_LOAD_ENV] = "1"
-    try:
-        yield
-    finally:
-        modeling_utils.safe_open = original
-        if env is None:
-            os.environ.pop(SEQUENTIAL_LOAD_ENV, None)
-        else:
-            os.environ[SEQUENTIAL_LOAD_ENV] = env
+    if device is not None and torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return safetensors_reads(HOST_BACKEND)
 
 
 def read_safetensors(files, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict:
