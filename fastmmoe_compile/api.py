@@ -14,7 +14,7 @@ from . import __version__
 from .config import FastMMoEConfig, FastVConfig, SparseVLMConfig
 from .errors import ShapeOnlyModelError
 from .export import export_backbone
-from .lower.backends import Backend, get_backend, vision_backend
+from .lower.backends import Backend, BackendError, get_backend, vision_backend
 from .lower.weights import WEIGHTS_FILE, SharedWeights
 from .models import LoadedModel, load_model
 from .models.registry import check_model_name
@@ -74,7 +74,6 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
     if backend.name == "onnx" and getattr(config, "authors_compat", False):
         # Its token counts are unbacked sizes in the graph (ops.merge_tokens); the ONNX export of that
         # graph did not finish in 15 minutes on a tiny model, so it is refused rather than left to hang.
-        from .lower.backends import BackendError
         raise BackendError("--authors-compat is not supported by --backend onnx; use --backend inductor or export")
     with _users_model_kept(model_or_path):
         return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode, device)
