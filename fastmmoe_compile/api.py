@@ -50,6 +50,41 @@ def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfi
     return loaded, program, record
 
 
+def rewrite_each(model_or_path, configs: dict, *, dtype=None, quiet: bool = True, cache: bool = False, device=None,
+                 on_done=None):
+    """rewrite() for several configurations of one model, exporting it once: (LoadedModel,
+    {name: (rewritten ExportedProgram, PassRecord)}) in the order of `configs` ({name: config}).
+    Each configuration's passes run on a copy of the exported graph (torch_compat.copy_program:
+    the weights are shared, not copied), so a 48-layer backbone is exported once, not once per
+    configuration. on_done(name, seconds) is called after each configuration's passes."""
+    from .torch_compat import copy_program
+
+    with step("load", quiet), _users_model_kept(model_or_path):
+        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype, device)
+    num_layers, top_k = loaded.family.num_layers(loaded.config), loaded.family.top_k(loaded.config)
+    for config in configs.values():
+        config.check_model(num_layers, top_k)  # every refusal before the minutes of export
+    with step("export", quiet):
+        exported = export_backbone(loaded, cache=cache)
+    rewritten = {}
+    for name, config in configs.items():
+        t = time.perf_counter()
+        with step(f"passes ({name})", quiet):
+            rewritten[name] = apply_passes(copy_program(exported), config)
+        if on_done is not None:
+            on_done(name, time.perf_counter() - t)
+    return loaded, rewritten
+
+
+def engine_in_process(loaded: LoadedModel, program, record: PassRecord, config, *, backend: str = "export",
+                      decode: bool = True, quiet: bool = True) -> Engine:
+    """The engine compile_model(loaded, config, out=None, backend=backend) returns, built from a program
+    already rewritten for `config` (rewrite_each): only the decode step (decode=True) is exported here."""
+    device = target_device(loaded, None, backend)
+    table = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
+    return _in_process(loaded, program, get_backend(backend), config, record, table.cpu(), quiet, decode, device)
+
+
 def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
                   quiet: bool = False, decode: bool = True, device: str | torch.device | None = None) -> Engine:

@@ -11,7 +11,9 @@ Touch points:
   model's forward takes it under (`cache_kwargs`) and the field outputs return it in (`output_cache`);
 - the attention implementation a model runs (`attention_implementation`, `sdpa_attention`):
   the token-reduction passes find `scaled_dot_product_attention` in the exported graph, so
-  export always runs SDPA, whatever the user loaded the model with;
+  export always runs SDPA, whatever the user loaded the model with; and the K/V head repeat of
+  its grouped-query attention (`integrations.sdpa_attention.repeat_kv`), replaced inside the
+  block by torch_compat.repeat_kv_heads (same values, no guard that torch 2.11's export refuses);
 - the experts-implementation switch (`allow_experts_implementation`) for *ForCausalLM classes
   defined outside transformers' modeling files;
 - transformers' export patches for packed vision attention (`export_patches`);
@@ -27,6 +29,7 @@ import inspect
 import torch
 
 from .errors import UnsupportedModelError
+from .torch_compat import repeat_kv_heads
 
 # The transformers releases the whole suite passed on (README: "Tested versions").
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
@@ -100,13 +103,32 @@ def sdpa_attention(model: torch.nn.Module):
     config (the internal attribute: no re-validation, no sub-config recursion) is enough."""
     configs = _configs(model)
     previous = [c._attn_implementation_internal for c in configs]
+    with _sdpa_repeat_kv(repeat_kv_heads):
+        try:
+            for c in configs:
+                c._attn_implementation_internal = "sdpa"
+            yield model
+        finally:
+            for c, value in zip(configs, previous):
+                c._attn_implementation_internal = value
+
+
+@contextlib.contextmanager
+def _sdpa_repeat_kv(repeat):
+    """transformers' SDPA attention repeats K/V heads with `repeat(hidden_states, n_rep)` inside the
+    block (it looks the module-level `repeat_kv` up at call time). Not thread-safe: another thread's
+    SDPA attention meanwhile repeats the same way (same values)."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    original = getattr(sdpa, "repeat_kv", None)
+    if original is None:  # a transformers without it expands K/V some other way: leave it be
+        yield
+        return
+    sdpa.repeat_kv = repeat
     try:
-        for c in configs:
-            c._attn_implementation_internal = "sdpa"
-        yield model
+        yield
     finally:
-        for c, value in zip(configs, previous):
-            c._attn_implementation_internal = value
+        sdpa.repeat_kv = original
 
 
 @contextlib.contextmanager

@@ -29,3 +29,58 @@ def test_gpu_check_dry_run(tmp_path):
     # Fewer vision tokens after the merges: a smaller KV cache than the unmodified engine's.
     assert rows[("eager", "fastmmoe-50")]["kv_cache_bytes"] < rows[("eager", "unmodified")]["kv_cache_bytes"]
     assert "| eager | fastmmoe-50 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_part_leaves_the_other_parts_results_on_disk(tmp_path, monkeypatch):
+    """The harness, with each part's work replaced (this checks the isolation and the saving, not the
+    measurements): the backbone part saves a variant, then crashes; the aoti part is broken on purpose
+    (--fail-part); the vlm part still runs, and every result, the crash's one-line cause included, is
+    in gpu_check.json and gpu_check.md, as they were on disk while the next part ran."""
+    gc = _gpu_check_module()
+    seen_on_disk = {}
+
+    def broken_backbone(args, device, dtype, out, save):
+        out.update({"rewrite_s": {"fastmmoe-50": 1.5}})
+        save()
+        seen_on_disk["backbone"] = json.loads((tmp_path / "gpu_check.json").read_text())["backbone"]
+        raise ValueError("shape mismatch in layer 7\nsecond line of the message")
+
+    def vlm(preset, device, backend, dtype, tmp):
+        seen_on_disk["parts"] = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+        return {"preset": preset, "backend": backend, "dtype": "float32", "manifest_device": device,
+                "answers": {}, "same_tokens": True, "compile_s": 0.0}
+
+    monkeypatch.setattr(gc, "check_backbone", broken_backbone)
+    monkeypatch.setattr(gc, "check_vlm", vlm)
+    code = gc.main(["--dry-run", "--out-dir", str(tmp_path), "--fail-part", "aoti"])
+    assert code == 1
+    assert seen_on_disk["backbone"] == {"rewrite_s": {"fastmmoe-50": 1.5}}  # saved before the crash
+    assert seen_on_disk["parts"]["backbone"]["status"] == "failed"  # on disk while vlm ran
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = result["parts"]
+    assert parts["backbone"] == {**parts["backbone"], "status": "failed",
+                                 "error": "ValueError: shape mismatch in layer 7"}
+    assert parts["aoti"]["status"] == "failed" and "--fail-part aoti" in parts["aoti"]["error"]
+    assert parts["vlm"]["status"] == "passed" and parts["pytest"]["status"] == "skipped"
+    assert [v["preset"] for v in result["vlm"]] == ["tiny-internvl"]
+    assert result["backbone"]["rewrite_s"] == {"fastmmoe-50": 1.5}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| backbone | failed |" in md and "ValueError: shape mismatch in layer 7" in md
+    assert "| vlm | passed |" in md
+
+
+def test_gpu_check_refuses_unknown_parts_and_variants():
+    gc = _gpu_check_module()
+    for argv in (["--skip", "backbon"], ["--variants", "fastmmoe-60"]):
+        with pytest.raises(SystemExit) as e:
+            gc.parse_args(argv)
+        assert e.value.code == 2

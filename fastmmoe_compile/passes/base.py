@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.export import ExportedProgram
 
+from ..torch_compat import fake_propagation
+
 
 @dataclass
 class PassResult:
@@ -44,7 +46,8 @@ def fake_call(op, *args, **kwargs):
     def val(a):
         return a.meta["val"] if isinstance(a, torch.fx.Node) else a
 
-    return op(*[val(a) for a in args], **{k: val(v) for k, v in kwargs.items()})
+    with fake_propagation():
+        return op(*[val(a) for a in args], **{k: val(v) for k, v in kwargs.items()})
 
 
 # Meta a new node takes from the node it stands in for: where it sits (module path, source line).
@@ -128,4 +131,5 @@ def refresh_fake_values(gm: torch.fx.GraphModule) -> None:
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    with fake_propagation():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
