@@ -95,12 +95,21 @@ def program_report(program, device: torch.device, dtype: torch.dtype) -> dict:
             dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + 1
             if t.device != device and len(problems) < 10:
                 problems.append(f"{node.name} ({node.target}) is on {t.device}")
+    sdpa = set()  # what decides SDPA's CUDA kernel: heads of q and k, head dim, dtype, mask dtype, enable_gqa
+    for node in program.graph.nodes:
+        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            sdpa.add((f"q heads {q.shape[1]}", f"k heads {k.shape[1]}", f"head dim {q.shape[-1]}", str(q.dtype),
+                      f"mask {mask.meta['val'].dtype if isinstance(mask, torch.fx.Node) else None}",
+                      f"enable_gqa {node.kwargs.get('enable_gqa', False)}"))
     weights = program.graph_signature.inputs_to_parameters
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in weights and node.meta["val"].is_floating_point() \
                 and node.meta["val"].dtype != dtype and len(problems) < 20:
             problems.append(f"weight {weights[node.name]} is {node.meta['val'].dtype}, not {dtype}")
-    return {"nodes": len(program.graph.nodes), "devices": devices, "dtypes": dtypes, "problems": problems}
+    return {"nodes": len(program.graph.nodes), "devices": devices, "dtypes": dtypes, "problems": problems,
+            "sdpa": sorted(", ".join(x) for x in sdpa)}
 
 
 def preflight(preset: str, layers: int | None = None, device: str = "cuda") -> dict:
@@ -173,7 +182,8 @@ def main(argv=None) -> int:
             + (f"; steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()) if "seconds" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print(json.dumps([{k: v for k, v in r.items() if k != "programs"} for r in results], indent=2))
+    print(json.dumps([{**{k: v for k, v in r.items() if k != "programs"},
+                       "sdpa": {n: p["sdpa"] for n, p in r.get("programs", {}).items()}} for r in results], indent=2))
     return 1 if failed else 0
 
 

@@ -270,6 +270,25 @@ def rows_of(times, decode, memory, reports, peak, base_key) -> list[dict]:
     return rows
 
 
+def sdpa_kernels(config, seq: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The SDPA kernel torch picks (torch._fused_sdp_choice) for the prefill's attention at this shape:
+    as the engine runs it (K/V heads repeated, boolean causal mask [B, 1, S, S]), and the two forms
+    it does not use (SDPA's own GQA with the mask; GQA without a mask, is_causal). "MATH" is the
+    unfused fallback."""
+    from torch.nn.attention import SDPBackend
+
+    names = {int(b): n for n, b in SDPBackend.__members__.items()}
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q = torch.zeros(1, heads, seq, dim, device=device, dtype=dtype)
+    k = torch.zeros(1, kv_heads, seq, dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 1, seq, seq, device=device, dtype=torch.bool).tril()
+    expanded = k.repeat_interleave(heads // kv_heads, 1)
+    return {"engine (repeated K/V, bool mask)": names[torch._fused_sdp_choice(q, expanded, expanded, mask)],
+            "enable_gqa, bool mask": names[torch._fused_sdp_choice(q, k, k, mask, enable_gqa=True)],
+            "enable_gqa, is_causal": names[torch._fused_sdp_choice(q, k, k, None, is_causal=True, enable_gqa=True)]}
+
+
 def check_backbone(args, device: torch.device, dtype: torch.dtype, out: dict, save) -> None:
     """Part 2, its results into `out` as they come (save() after each step)."""
     from fastmmoe_compile import flops
@@ -287,6 +306,8 @@ def check_backbone(args, device: torch.device, dtype: torch.dtype, out: dict, sa
                 "dtype": str(dtype).replace("torch.", ""), "weights_bytes": weights if cuda else None,
                 "seconds": {"build": time.perf_counter() - t0}, "rewrite_s": {}})
     log(f"built {loaded.source}: {num_layers} layers, {dtype}, {device} in {out['seconds']['build']:.0f}s")
+    out["sdpa_kernel"] = sdpa_kernels(loaded.config, args.text + args.vision, device, dtype)
+    log(f"SDPA kernel at this shape: {out['sdpa_kernel']}")
     save()
     configs = variant_configs(num_layers, args.variants)
 
@@ -390,6 +411,8 @@ def table(b: dict, title: str) -> list[str]:
         lines = [f"{title}: (partial)", ""]
     if b.get("note"):
         lines += [b["note"], ""]
+    if b.get("sdpa_kernel"):
+        lines += ["SDPA kernel: " + ", ".join(f"{k}: {v}" for k, v in b["sdpa_kernel"].items()), ""]
     seconds = [f"{k} {v:.1f}" for k, v in b.get("seconds", {}).items()]
     seconds += [f"passes {k} {v:.1f}" for k, v in b.get("rewrite_s", {}).items()]
     if seconds:

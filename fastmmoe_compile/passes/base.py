@@ -103,16 +103,51 @@ def insert_copies(graph: torch.fx.Graph, nodes: list[torch.fx.Node], before: tor
     return mapping
 
 
-def finish(program: ExportedProgram) -> None:
+def finish(program: ExportedProgram, changed_from: torch.fx.Node | None = None,
+           fresh_until: torch.fx.Node | None = None) -> None:
     """Check and recompile the graph, then refresh every node's fake value: shapes
-    downstream of a rewrite (pair counts, reduced sequences) must be the new ones."""
+    downstream of a rewrite (pair counts, reduced sequences) must be the new ones.
+
+    changed_from: the first node (in graph order) the rewrite added or changed (snapshot /
+    first_changed); the nodes before it keep their values. fresh_until: the refresh stops there,
+    leaving that node and the rest stale for a later finish() that starts at or before them (a
+    multi-stage pass refreshes only up to its next stage's layer, then once to the end). Fake
+    propagation over a 48-layer backbone takes tens of seconds a run, so each stage refreshing the
+    whole graph made the passes minutes long."""
     # No global dead-code elimination: it would also drop nodes the export left
     # dead, and the graph diff must show only what the passes did.
     gm = program.graph_module
     gm.graph.lint()
     gm.recompile()
-    refresh_fake_values(gm)
+    refresh_fake_values(gm, changed_from, fresh_until)
     sync_output_names(program)
+
+
+def snapshot(graph: torch.fx.Graph) -> dict:
+    """What first_changed compares against: each node's inputs."""
+    return {n: (n.args, n.kwargs) for n in graph.nodes}
+
+
+def first_changed(graph: torch.fx.Graph, before: dict) -> torch.fx.Node | None:
+    """The first node, in graph order, that is new since `before` (snapshot) or reads other inputs."""
+    for n in graph.nodes:
+        if n not in before or before[n] != (n.args, n.kwargs):
+            return n
+    return None
+
+
+def first_node_after_layer(graph: torch.fx.Graph, layer: int) -> torch.fx.Node | None:
+    """The first node of a decoder layer after `layer` (None: there is none, e.g. the last layer)."""
+    from ..models.base import layer_of
+
+    seen = False
+    for n in graph.nodes:
+        at = layer_of(module_path(n))
+        if at == layer:
+            seen = True
+        elif seen and at is not None and at > layer:
+            return n
+    return None
 
 
 def sync_output_names(program: ExportedProgram) -> None:
@@ -125,11 +160,26 @@ def sync_output_names(program: ExportedProgram) -> None:
             spec.arg = type(spec.arg)(name=node.name)
 
 
-def refresh_fake_values(gm: torch.fx.GraphModule) -> None:
+def refresh_fake_values(gm: torch.fx.GraphModule, start: torch.fx.Node | None = None,
+                        stop: torch.fx.Node | None = None) -> None:
+    """Recompute node.meta["val"] by fake propagation, from `start` (None: the first node) up to,
+    not including, `stop` (None: to the end); the other nodes' values are read as they are."""
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    class _Range(FakeTensorProp):
+        active = start is None
+
+        def run_node(self, n):
+            if n is start:
+                self.active = True
+            if n is stop:
+                self.active = False
+            if not self.active and n.op != "output" and "val" in n.meta:
+                return n.meta["val"]
+            return super().run_node(n)
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     with fake_propagation():
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        _Range(gm, mode).propagate_dont_convert_inputs(*inputs)

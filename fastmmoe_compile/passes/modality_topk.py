@@ -12,21 +12,25 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from .base import GraphPass, PassResult, finish, insert_call, vision_input
+from .base import (GraphPass, PassResult, finish, first_changed, first_node_after_layer, insert_call, snapshot,
+                   vision_input)
 from .routers import find_routers
 
 
 class ModalityTopK(GraphPass):
     name = "modality_topk"
 
-    def __init__(self, reduce_from_layer: int, kv_for):
+    def __init__(self, reduce_from_layer: int, kv_for, fresh_until_layer: int | None = None):
         self.reduce_from_layer = reduce_from_layer
         self.kv_for = kv_for  # top_k -> Kv (FastMMoEConfig.kv)
+        # A token-reduction pass that follows refreshes the fake values from its first stage's layer to
+        # the end (passes/base.finish), so this pass refreshes only up to the end of that layer.
+        self.fresh_until_layer = fresh_until_layer
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
         vision = vision_input(program)
-        changes = []
+        changes, before = [], snapshot(graph)
         for site in find_routers(graph):
             if site.layer < self.reduce_from_layer or site.route.target != torch.ops.fastmmoe.route_pairs.default:
                 continue
@@ -39,5 +43,6 @@ class ModalityTopK(GraphPass):
             graph.erase_node(site.route)
             changes.append({"layer": site.layer, "router": site.router_path, "top_k": site.top_k, "kv": kv})
         if changes:
-            finish(program)
+            until = self.fresh_until_layer
+            finish(program, first_changed(graph, before), None if until is None else first_node_after_layer(graph, until))
         return PassResult(program, bool(changes), changes)

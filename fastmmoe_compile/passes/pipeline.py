@@ -27,9 +27,11 @@ def build_passes(config: FastMMoEConfig | FastVConfig | SparseVLMConfig) -> list
         return [TokenReduction(config.stages(), name="fastv")]
     if isinstance(config, SparseVLMConfig):
         return [SparseVLM(config.stages())]
-    passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv)]
-    if config.stages():
-        passes.append(TokenReduction(config.stages(), name="routing_merge"))
+    stages = config.stages()
+    passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv,
+                                            fresh_until_layer=stages[0].layer if stages else None)]
+    if stages:
+        passes.append(TokenReduction(stages, name="routing_merge"))
     return passes
 
 

@@ -18,7 +18,8 @@ import torch
 from torch.export import ExportedProgram
 
 from ..config import SparseVLMStage
-from .base import GraphPass, PassResult, finish, insert_call, vision_input
+from .base import (GraphPass, PassResult, finish, first_changed, first_node_after_layer, insert_call, snapshot,
+                   vision_input)
 from .token_reduction import Merge, locate_anchors, rewire
 
 
@@ -31,11 +32,14 @@ class SparseVLM(GraphPass):
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
         vision = vision_input(program)
+        before = snapshot(graph)
         embeds = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "inputs_embeds")
         start = next(n for n in graph.nodes if n.op != "placeholder")
         raters = insert_call(graph, torch.ops.fastmmoe.sparsevlm_raters.default, (embeds, vision), before=start)
         changes = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
+            if i:
+                before = snapshot(graph)
             anchors = locate_anchors(graph, stage)
             residual, sdpa, at = anchors.residual, anchors.sdpa, anchors.residual.next
             seq = residual.meta["val"].shape[1]
@@ -58,5 +62,7 @@ class SparseVLM(GraphPass):
             changes.append({"layer": stage.layer, "ratio": round(stage.ratio, 6),
                             "recycle_ratio": stage.recycle_ratio, "cluster_ratio": stage.cluster_ratio,
                             "tokens_before": str(seq), "tokens_after": str(hidden.meta["val"].shape[1])})
-            finish(program)
+            later = self.stages[i + 1].layer if i + 1 < len(self.stages) else None
+            finish(program, first_changed(graph, before),
+                   first_node_after_layer(graph, later) if later is not None else None)
         return PassResult(program, bool(changes), changes)

@@ -22,7 +22,8 @@ from torch.export import ExportedProgram
 
 from ..config import ConfigError, MergeStage
 from ..models.base import layer_of
-from .base import GraphPass, PassResult, finish, insert_call, insert_copies, module_path, vision_input
+from .base import (GraphPass, PassResult, finish, first_changed, first_node_after_layer, insert_call, insert_copies,
+                   module_path, snapshot, vision_input)
 from .routers import find_routers
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -49,7 +50,8 @@ class TokenReduction(GraphPass):
         graph = program.graph
         vision = vision_input(program)
         changes = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
+            before = snapshot(graph)
             anchors = locate_anchors(graph, stage)
             seq = anchors.residual.meta["val"].shape[1]
             merge = insert_merge(graph, anchors, stage, vision)
@@ -60,7 +62,10 @@ class TokenReduction(GraphPass):
                 "window": stage.window, "strategy": stage.strategy, "method": stage.method,
                 "tokens_before": str(seq), "tokens_after": str(merge.hidden.meta["val"].shape[1]),
             })
-            finish(program)  # the next stage reads the reduced shapes
+            # The next stage reads the reduced shapes up to its own layer; the last one refreshes the rest.
+            later = self.stages[i + 1].layer if i + 1 < len(self.stages) else None
+            finish(program, first_changed(graph, before),
+                   first_node_after_layer(graph, later) if later is not None else None)
         return PassResult(program, bool(changes), changes)
 
 
