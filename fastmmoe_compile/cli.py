@@ -146,9 +146,23 @@ def _dtype(name: str | None):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+class _UsageError(Exception):
+    """argparse's complaint about the command line (a missing --out, --keep-ratio abc)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit 2 like every other CLI error (main
+    prints it): the full usage only on -h. Subparsers are of this class too (add_subparsers)."""
+
+    help_command: str | None = None  # the -h that lists this parser's flags, where it is not `prog -h`
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} ({self.help_command or self.prog + ' -h'} lists the flags)")
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line: one subparser per command (`fastmmoe-compile -h` lists them)."""
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="fastmmoe-compile",
         description="Compile a Hugging Face MoE model with FastMMoE (arXiv 2511.17885) into an engine directory, "
                     "and inspect, run and benchmark engines. `fastmmoe-compile MODEL --out DIR` is short for "
@@ -163,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", prog="fastmmoe-compile",  # the bare MODEL --out form reads as before
                        help="compile MODEL into an engine directory (the default command)",
                        description="Compile a Hugging Face MoE model with FastMMoE into an engine directory.")
+    p.help_command = "fastmmoe-compile compile -h"
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
     p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
     p.add_argument("--backend", choices=backend_names(), default="inductor",
@@ -293,9 +308,15 @@ _USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError, PermissionEr
 
 def _main(argv: list[str] | None) -> int:
     argv = _with_command(list(sys.argv[1:] if argv is None else argv))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if argv and argv[0] in SUBCOMMANDS:  # an unknown flag is the top parser's complaint: point at the command's -h
+        parser.help_command = f"fastmmoe-compile {argv[0]} -h"
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
-        _parser().print_usage(sys.stderr)
         print("fastmmoe-compile: error: a command or MODEL --out DIR is required (fastmmoe-compile -h)",
               file=sys.stderr)
         return 2
@@ -343,12 +364,21 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .runtime import load_engine
-    from .runtime.multimodal import stream_text
+    from .runtime.frontends import PLACEHOLDER
+    from .runtime.manifest import read_manifest
+    from .runtime.multimodal import load_image, stream_text
 
+    # Every input is checked before the engine loads (seconds to minutes): a typo costs nothing.
     if not args.prompt.strip():
         raise CliError('--prompt is empty: pass the question, with one "<image>" where each --image goes')
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt.count(PLACEHOLDER) != len(args.image):
+        raise CliError(f"--prompt has {args.prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholder(s) for "
+                       f"{len(args.image)} --image(s): put one {PLACEHOLDER} where each image goes")
+    for image in args.image:
+        load_image(image)  # FileNotFoundError / EngineInputError naming the file
+    read_manifest(args.engine, verify_hashes=False)  # not an engine: said before the load (which hashes it all)
     engine = load_engine(args.engine)
     if engine.front_end is None:
         raise CliError(f"{args.engine} is a text-only engine ({engine.info.get('model_type')} from "

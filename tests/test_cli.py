@@ -74,8 +74,20 @@ BAD_INPUT = [
     (["diff", "tiny-qwen3-mo"], "did you mean tiny-qwen3-moe?"),
     (["noweights", "--out", "x"], "noweights has a config.json but no weights"),
     (["userdir", "--out", "x"], "userdir is not a checkpoint directory: it has no config.json"),
-    # where --out points
-    (TINY[:1] + ["--out", "userdir"], "userdir already exists (pass overwrite=True / --overwrite"),
+    # argparse's own complaints: one line too, the usage only on -h
+    (["tiny-qwen3-moe", "--keep-ratio", "abc", "--out", "x"], "argument --keep-ratio: invalid float value: 'abc'"),
+    (["tiny-qwen3-moe"], "the following arguments are required: --out (fastmmoe-compile compile -h"),
+    (["flops", "tiny-qwen3-moe", "--no-such-flag"], "unrecognized arguments: --no-such-flag (fastmmoe-compile flops -h"),
+    (["serve", "e", "--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
+    # run checks its inputs before it loads the engine (which takes seconds to minutes)
+    (["run", "noengine", "--image", "missing.png", "--prompt", "<image> what?"], "image file not found: missing.png"),
+    (["run", "noengine", "--image", "userfile.txt", "--prompt", "<image> what?"], "userfile.txt is not an image file"),
+    (["run", "noengine", "--image", "missing.png", "--prompt", "what?"],
+     "--prompt has 0 <image> placeholder(s) for 1 --image(s)"),
+    (["run", "userdir", "--prompt", "what?"], "userdir has no manifest.json"),
+    # where --out points; the hint names only what works (--overwrite replaces engines only)
+    (TINY[:1] + ["--out", "userdir"], "userdir exists and is not a fastmmoe engine (no fastmmoe-engine "
+                                      "manifest.json): remove it yourself or write elsewhere"),
     (TINY[:1] + ["--out", "userdir", "--overwrite"], "userdir exists and is not a fastmmoe engine"),
     (TINY[:1] + ["--out", "userfile.txt", "--overwrite"], "userfile.txt exists and is not a fastmmoe engine"),
     (TINY[:1] + ["--out", "/proc/fastmmoe-engine"], "cannot write the engine /proc/fastmmoe-engine"),
@@ -99,7 +111,8 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path, monkeypatc
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if not line.startswith("[fastmmoe]")]  # progress lines
     assert errors == [errors[0]] and errors[0].startswith("fastmmoe-compile: error: "), err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and "usage:" not in err
+    assert "--overwrite" not in err or "already exists" in err  # never suggested where it would be refused
     assert _tree(tmp_path) == before  # nothing written, nothing removed
     assert not os.path.exists("/proc/fastmmoe-engine")
 

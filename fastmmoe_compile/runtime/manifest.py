@@ -117,11 +117,13 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
 def _check_replaceable(out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
+    # The hint names only what works: overwrite replaces an engine, never the user's other files.
+    if not is_engine(out):
+        raise FileExistsError(f"{out} exists and is not a fastmmoe engine (no {FORMAT} {MANIFEST}): "
+                              f"{'overwrite replaces only an engine directory; ' if overwrite else ''}"
+                              "remove it yourself or write elsewhere")
     if not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    if not is_engine(out):
-        raise FileExistsError(f"{out} exists and is not a fastmmoe engine (no {FORMAT} {MANIFEST}): overwrite "
-                              "replaces only an engine directory; remove it yourself or write elsewhere")
 
 
 def is_engine(path: Path) -> bool:
