@@ -149,6 +149,33 @@ def test_serve_command_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp
     assert "serve needs uvicorn: pip install 'fastmmoe-compile[serve]'" in capsys.readouterr().err
 
 
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    # The port is bound before the engine loads and before anything is announced: a busy one is one
+    # line and exit 2 at once (the engine here is a manifest only: the load is never reached).
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "manifest.json").write_text(json.dumps({"format": "fastmmoe-engine", "format_version": 4, "files": {}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "fastmmoe_compile.cli", "serve", str(engine), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        elapsed = time.monotonic() - t0
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines() == [f"fastmmoe-compile: error: cannot listen on 127.0.0.1:{port}: the address is "
+                                        "already in use (another server on that port? pick another --port)"]
+    assert elapsed < 60  # the interpreter's start only (seconds); the engine load would come after
+
+
 def test_python_api_sampling_and_stop_strings(serve_engine):
     greedy = serve_engine.generate(prompts="Tell me more.", max_new_tokens=12)[0]
     assert serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, temperature=0.9, top_k=1, seed=4)[0] \
