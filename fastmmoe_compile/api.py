@@ -242,8 +242,9 @@ def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | Sparse
 
 
 def describe_engine(path) -> str:
-    from .runtime.manifest import read_manifest
+    from .runtime.manifest import check_integrity, read_manifest
 
     m = read_manifest(path, verify_hashes=False)
+    check_integrity(path, m)  # inspect shows nothing the engine would not run
     keys = ("backend", "device", "dtype", "programs", "model", "vision", "config", "versions")
     return json.dumps({k: m[k] for k in keys if k in m}, indent=2)

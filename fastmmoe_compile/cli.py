@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 from .config import (
     CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, SparseVLMConfig, config_fields, config_preset,
@@ -268,7 +269,18 @@ def _with_command(argv: list[str]) -> list[str]:
     return argv
 
 
+# torch's own export/AOTInductor code still tests isinstance(spec, LeafSpec), which torch 2.13 deprecates:
+# four FutureWarning lines per compile that the user can do nothing about. Only that warning, only in the CLI.
+_TORCH_NOISE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_NOISE, category=FutureWarning)
+        return _run_main(argv)
+
+
+def _run_main(argv: list[str] | None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:  # output piped into `head` and friends

@@ -19,7 +19,7 @@ from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls
 from . import inputs
 from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
 from .backends import load_role, load_weights, loader_names
-from .manifest import EngineFormatError, read_manifest
+from .manifest import EngineFormatError, check_integrity, read_manifest
 from .specs import InputSpecError, known_names, known_spec, specs_of
 
 # The token-embedding table [vocab, H]: manifest["embeddings"] = {"file": <a safetensors file of the
@@ -205,6 +205,8 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
         front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
     backbone = load_role(path, manifest, "backbone", weights)
     decode = load_role(path, manifest, "decode", weights) if "decode" in programs else None
+    # Last: a field the checks above find wrong is named with its legal values first.
+    check_integrity(path, manifest)
     return Engine(_as_tuple(on_device(backbone, device)), manifest["model"], embeddings,
                   manifest, path, front_end=front_end, decode_step=on_device(decode, device))
 
