@@ -67,14 +67,16 @@ class Engine:
         return torch.nn.functional.embedding(ids, self.embeddings)
 
     @torch.no_grad()
-    def prepare(self, images=None, prompts=None, *, chat: bool = True):
+    def prepare(self, images=None, prompts=None, *, chat: bool = True, max_length: int | None = None):
         """VLM engines: images (paths, PIL images) + prompts (one "<image>" per image) -> a
-        runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions."""
+        runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions.
+        max_length: the most tokens a prompt may have; a longer one is a
+        runtime.inputs.PromptTooLongError raised after tokenizing, before embedding or encoding."""
         if self.front_end is None:
             raise EngineInputError(f"this engine was compiled from a text-only {self.info.get('model_type')} "
                                    f"model ({self.info.get('source')}): it takes input_ids or inputs_embeds, not "
                                    "images and prompts")
-        return self.front_end.prepare(self, images, prompts, chat=chat)
+        return self.front_end.prepare(self, images, prompts, chat=chat, max_length=max_length)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,

@@ -102,7 +102,8 @@ def build_server(engine_dir, options: ServeOptions, engine=None):
     media = MediaPolicy(options.max_image_bytes, options.max_image_pixels,
                         Path(options.allowed_local_media_path) if options.allowed_local_media_path else None,
                         options.allow_image_fetch, options.fetch_timeout)
-    limits = Limits(options.max_images, options.default_max_tokens, options.max_model_len - 1, media)
+    limits = Limits(options.max_images, options.default_max_tokens, options.max_model_len - 1, media,
+                    options.max_model_len, io.chars_per_token)
     metrics = Metrics()
     scheduler = Scheduler(io, metrics, options.max_batch, options.max_queue)
     return Server(io, scheduler, metrics, limits, options.api_key, options.max_body_bytes), scheduler
