@@ -354,7 +354,8 @@ def _compile(args) -> int:
 def _diff(args) -> int:
     from .api import rewrite
 
-    _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype))
+    # The graph needs shapes, not weights: a directory with only a config.json is built on the meta device.
+    _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype), weights=False)
     sys.stdout.write(record.graph_diff)
     return 0
 
@@ -426,7 +427,7 @@ def _flops(args) -> int:
         with torch.device("meta"):  # FLOPs need shapes, not weights
             loaded = preset.build()
     else:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, weights=False)  # a config.json alone is enough: built on meta
     family = loaded.family
     config.check_model(family.num_layers(loaded.config), family.top_k(loaded.config))
     base = analytic_flops(loaded, None, args.text_tokens, args.vision_tokens)

@@ -268,3 +268,50 @@ def test_bad_input_is_told_by_its_class():
     import fastmmoe_compile.cli as cli
 
     assert not any(hasattr(cli, name) for name in ("_INPUT_ERROR_SITES", "_is_user_error"))
+
+
+# --- diff and flops need a model's shapes, not its weights (issue 22) ----------------------------
+
+def _config_only(preset: str, directory):
+    """A directory holding only the preset's config.json, as a published model's config alone."""
+    from fastmmoe_compile.models.presets import PRESETS
+
+    directory.mkdir()
+    config = PRESETS[preset].make_config()
+    if hasattr(config, "raw"):  # DeepSeek-VL2: the official layout, which transformers does not know
+        (directory / "config.json").write_text(json.dumps(config.raw))
+    else:
+        config.save_pretrained(directory)
+    assert os.listdir(directory) == ["config.json"]
+    return directory
+
+
+def _tiny_presets():
+    from fastmmoe_compile.models.presets import PRESETS
+
+    return [p.name for p in PRESETS.values() if p.kind == "tiny random"]
+
+
+@pytest.mark.parametrize("preset", _tiny_presets())
+def test_flops_of_a_config_json_alone_equal_the_models(preset, tmp_path, capsys):
+    # Every supported family (the tiny presets cover them all, DeepSeek-VL2's three layouts included).
+    directory = _config_only(preset, tmp_path / preset)
+    flags = ["--json", "--vision-topk", "1"]
+    assert main(["flops", str(directory), *flags]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert main(["flops", preset, *flags]) == 0
+    from_preset = json.loads(capsys.readouterr().out)
+    for key in ("baseline_flops", "fastmmoe_flops", "baseline_by_part", "fastmmoe_by_part"):
+        assert from_config[key] == from_preset[key], key
+
+
+def test_diff_of_a_deepseek_vl2_config_json_alone(tmp_path, capsys):
+    directory = _config_only("tiny-deepseek-vl2-base", tmp_path / "flagship")
+    assert main(["diff", str(directory), "--vision-topk", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("layers 2-3:\n") and "+ 1 x fastmmoe.route_pairs_topkv" in out
+    assert "fastmmoe.grouped_mm([-2*B*N + 3*B*S, 64], [9, 64, 64], [9])" in out  # 9 experts top-3, Kv 1
+    # compile needs the weights: the config alone is still refused, before any work
+    assert main([str(directory), "--out", str(tmp_path / "engine")]) == 2
+    assert "has a config.json but no weights" in capsys.readouterr().err
+    assert not (tmp_path / "engine").exists()
