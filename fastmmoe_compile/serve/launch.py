@@ -68,8 +68,9 @@ def listen(host: str, port: int) -> socket.socket:
     ListenError, one line, when it cannot be: a busy port is found before the engine loads and
     before anything is announced. SO_REUSEADDR as uvicorn sets it (a restart right after a stop
     binds; a port another process listens on is still refused)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:  # IPv6 only for an IPv6 address, as uvicorn does ("localhost" is 127.0.0.1)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, family=socket.AF_INET6 if ":" in host else socket.AF_INET, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise ListenError(f"cannot listen on --host {host}: {e.strerror}") from None
     sock = socket.socket(family, kind, proto)
