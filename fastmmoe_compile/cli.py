@@ -14,8 +14,9 @@ Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 first word is not one (so `fastmmoe-compile MODEL --out DIR` is `fastmmoe-compile compile MODEL --out DIR`).
 
 Exit code 2 with one line "fastmmoe-compile: error: ..." is for bad input only: a UserInputError
-(fastmmoe_compile/errors.py: what a user typed or pointed at) or a file-system error for a path.
-Anything else is a bug and ends in a traceback.
+(fastmmoe_compile/errors.py: what a user typed or pointed at), a file-system error for a path, or
+argparse's own complaint about the command line (the usage is printed on -h only). Anything else
+is a bug and ends in a traceback.
 """
 from __future__ import annotations
 
