@@ -35,13 +35,15 @@ def step(name: str, quiet: bool = False):
 
 
 def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, *, dtype=None,
-            quiet: bool = True, cache: bool = False, device=None):
+            quiet: bool = True, cache: bool = False, device=None, weights: bool = True):
     """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
     With cache=True the program also returns every layer's KV cache (export/decode.py).
-    device: where the weights go (load_model); the program is exported there."""
+    device: where the weights go (load_model); the program is exported there.
+    weights=False: a checkpoint dir with only a config.json is built on the meta device (load_model)."""
     config = config or FastMMoEConfig()
     with step("load", quiet), _users_model_kept(model_or_path):
-        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype, device)
+        loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load_model(model_or_path, dtype, device,
+                                                                                          weights=weights)
     config.check_model(loaded.family.num_layers(loaded.config), loaded.family.top_k(loaded.config))
     with step("export", quiet):
         program = export_backbone(loaded, cache=cache)
@@ -277,8 +279,9 @@ def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | Sparse
 
 
 def describe_engine(path) -> str:
-    from .runtime.manifest import read_manifest
+    from .runtime.manifest import check_integrity, read_manifest
 
     m = read_manifest(path, verify_hashes=False)
+    check_integrity(path, m)  # inspect shows nothing the engine would not run
     keys = ("backend", "device", "dtype", "programs", "model", "vision", "config", "versions")
     return json.dumps({k: m[k] for k in keys if k in m}, indent=2)

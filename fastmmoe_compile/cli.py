@@ -14,8 +14,9 @@ Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 first word is not one (so `fastmmoe-compile MODEL --out DIR` is `fastmmoe-compile compile MODEL --out DIR`).
 
 Exit code 2 with one line "fastmmoe-compile: error: ..." is for bad input only: a UserInputError
-(fastmmoe_compile/errors.py: what a user typed or pointed at) or a file-system error for a path.
-Anything else is a bug and ends in a traceback.
+(fastmmoe_compile/errors.py: what a user typed or pointed at), a file-system error for a path, or
+argparse's own complaint about the command line (the usage is printed on -h only). Anything else
+is a bug and ends in a traceback.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 from .config import (
     CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, SparseVLMConfig, config_fields, config_preset,
@@ -146,9 +148,23 @@ def _dtype(name: str | None):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+class _UsageError(Exception):
+    """argparse's complaint about the command line (a missing --out, --keep-ratio abc)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit 2 like every other CLI error (main
+    prints it): the full usage only on -h. Subparsers are of this class too (add_subparsers)."""
+
+    help_command: str | None = None  # the -h that lists this parser's flags, where it is not `prog -h`
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} ({self.help_command or self.prog + ' -h'} lists the flags)")
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line: one subparser per command (`fastmmoe-compile -h` lists them)."""
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="fastmmoe-compile",
         description="Compile a Hugging Face MoE model with FastMMoE (arXiv 2511.17885) into an engine directory, "
                     "and inspect, run and benchmark engines. `fastmmoe-compile MODEL --out DIR` is short for "
@@ -163,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", prog="fastmmoe-compile",  # the bare MODEL --out form reads as before
                        help="compile MODEL into an engine directory (the default command)",
                        description="Compile a Hugging Face MoE model with FastMMoE into an engine directory.")
+    p.help_command = "fastmmoe-compile compile -h"
     p.add_argument("model", help="a local checkpoint dir, a hub id, or a preset (fastmmoe-compile presets)")
     p.add_argument("--out", required=True, help="engine directory to write (written atomically)")
     p.add_argument("--backend", choices=backend_names(), default="inductor",
@@ -253,7 +270,18 @@ def _with_command(argv: list[str]) -> list[str]:
     return argv
 
 
+# torch's own export/AOTInductor code still tests isinstance(spec, LeafSpec), which torch 2.13 deprecates:
+# four FutureWarning lines per compile that the user can do nothing about. Only that warning, only in the CLI.
+_TORCH_NOISE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_NOISE, category=FutureWarning)
+        return _run_main(argv)
+
+
+def _run_main(argv: list[str] | None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:  # output piped into `head` and friends
@@ -293,9 +321,15 @@ _USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError, PermissionEr
 
 def _main(argv: list[str] | None) -> int:
     argv = _with_command(list(sys.argv[1:] if argv is None else argv))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if argv and argv[0] in SUBCOMMANDS:  # an unknown flag is the top parser's complaint: point at the command's -h
+        parser.help_command = f"fastmmoe-compile {argv[0]} -h"
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"fastmmoe-compile: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
-        _parser().print_usage(sys.stderr)
         print("fastmmoe-compile: error: a command or MODEL --out DIR is required (fastmmoe-compile -h)",
               file=sys.stderr)
         return 2
@@ -321,7 +355,8 @@ def _compile(args) -> int:
 def _diff(args) -> int:
     from .api import rewrite
 
-    _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype))
+    # The graph needs shapes, not weights: a directory with only a config.json is built on the meta device.
+    _, _, record = rewrite(args.model, _config_from(args), dtype=_dtype(args.dtype), weights=False)
     sys.stdout.write(record.graph_diff)
     return 0
 
@@ -343,12 +378,21 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .runtime import load_engine
-    from .runtime.multimodal import stream_text
+    from .runtime.frontends import PLACEHOLDER
+    from .runtime.manifest import read_manifest
+    from .runtime.multimodal import load_image, stream_text
 
+    # Every input is checked before the engine loads (seconds to minutes): a typo costs nothing.
     if not args.prompt.strip():
         raise CliError('--prompt is empty: pass the question, with one "<image>" where each --image goes')
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt.count(PLACEHOLDER) != len(args.image):
+        raise CliError(f"--prompt has {args.prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholder(s) for "
+                       f"{len(args.image)} --image(s): put one {PLACEHOLDER} where each image goes")
+    for image in args.image:
+        load_image(image)  # FileNotFoundError / EngineInputError naming the file
+    read_manifest(args.engine, verify_hashes=False)  # not an engine: said before the load (which hashes it all)
     engine = load_engine(args.engine)
     if engine.front_end is None:
         raise CliError(f"{args.engine} is a text-only engine ({engine.info.get('model_type')} from "
@@ -384,7 +428,7 @@ def _flops(args) -> int:
         with torch.device("meta"):  # FLOPs need shapes, not weights
             loaded = preset.build()
     else:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, weights=False)  # a config.json alone is enough: built on meta
     family = loaded.family
     config.check_model(family.num_layers(loaded.config), family.top_k(loaded.config))
     base = analytic_flops(loaded, None, args.text_tokens, args.vision_tokens)

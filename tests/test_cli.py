@@ -74,8 +74,20 @@ BAD_INPUT = [
     (["diff", "tiny-qwen3-mo"], "did you mean tiny-qwen3-moe?"),
     (["noweights", "--out", "x"], "noweights has a config.json but no weights"),
     (["userdir", "--out", "x"], "userdir is not a checkpoint directory: it has no config.json"),
-    # where --out points
-    (TINY[:1] + ["--out", "userdir"], "userdir already exists (pass overwrite=True / --overwrite"),
+    # argparse's own complaints: one line too, the usage only on -h
+    (["tiny-qwen3-moe", "--keep-ratio", "abc", "--out", "x"], "argument --keep-ratio: invalid float value: 'abc'"),
+    (["tiny-qwen3-moe"], "the following arguments are required: --out (fastmmoe-compile compile -h"),
+    (["flops", "tiny-qwen3-moe", "--no-such-flag"], "unrecognized arguments: --no-such-flag (fastmmoe-compile flops -h"),
+    (["serve", "e", "--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
+    # run checks its inputs before it loads the engine (which takes seconds to minutes)
+    (["run", "noengine", "--image", "missing.png", "--prompt", "<image> what?"], "image file not found: missing.png"),
+    (["run", "noengine", "--image", "userfile.txt", "--prompt", "<image> what?"], "userfile.txt is not an image file"),
+    (["run", "noengine", "--image", "missing.png", "--prompt", "what?"],
+     "--prompt has 0 <image> placeholder(s) for 1 --image(s)"),
+    (["run", "userdir", "--prompt", "what?"], "userdir has no manifest.json"),
+    # where --out points; the hint names only what works (--overwrite replaces engines only)
+    (TINY[:1] + ["--out", "userdir"], "userdir exists and is not a fastmmoe engine (no fastmmoe-engine "
+                                      "manifest.json): remove it yourself or write elsewhere"),
     (TINY[:1] + ["--out", "userdir", "--overwrite"], "userdir exists and is not a fastmmoe engine"),
     (TINY[:1] + ["--out", "userfile.txt", "--overwrite"], "userfile.txt exists and is not a fastmmoe engine"),
     (TINY[:1] + ["--out", "/proc/fastmmoe-engine"], "cannot write the engine /proc/fastmmoe-engine"),
@@ -99,7 +111,8 @@ def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path, monkeypatc
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if not line.startswith("[fastmmoe]")]  # progress lines
     assert errors == [errors[0]] and errors[0].startswith("fastmmoe-compile: error: "), err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and "usage:" not in err
+    assert "--overwrite" not in err or "already exists" in err  # never suggested where it would be refused
     assert _tree(tmp_path) == before  # nothing written, nothing removed
     assert not os.path.exists("/proc/fastmmoe-engine")
 
@@ -255,3 +268,72 @@ def test_bad_input_is_told_by_its_class():
     import fastmmoe_compile.cli as cli
 
     assert not any(hasattr(cli, name) for name in ("_INPUT_ERROR_SITES", "_is_user_error"))
+
+
+# --- diff and flops need a model's shapes, not its weights (issue 22) ----------------------------
+
+def _config_only(preset: str, directory):
+    """A directory holding only the preset's config.json, as a published model's config alone."""
+    from fastmmoe_compile.models.presets import PRESETS
+
+    directory.mkdir()
+    config = PRESETS[preset].make_config()
+    if hasattr(config, "raw"):  # DeepSeek-VL2: the official layout, which transformers does not know
+        (directory / "config.json").write_text(json.dumps(config.raw))
+    else:
+        config.save_pretrained(directory)
+    assert os.listdir(directory) == ["config.json"]
+    return directory
+
+
+def _tiny_presets():
+    from fastmmoe_compile.models.presets import PRESETS
+
+    return [p.name for p in PRESETS.values() if p.kind == "tiny random"]
+
+
+@pytest.mark.parametrize("preset", _tiny_presets())
+def test_flops_of_a_config_json_alone_equal_the_models(preset, tmp_path, capsys):
+    # Every supported family (the tiny presets cover them all, DeepSeek-VL2's three layouts included).
+    directory = _config_only(preset, tmp_path / preset)
+    flags = ["--json", "--vision-topk", "1"]
+    assert main(["flops", str(directory), *flags]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert main(["flops", preset, *flags]) == 0
+    from_preset = json.loads(capsys.readouterr().out)
+    for key in ("baseline_flops", "fastmmoe_flops", "baseline_by_part", "fastmmoe_by_part"):
+        assert from_config[key] == from_preset[key], key
+
+
+def test_diff_of_a_deepseek_vl2_config_json_alone(tmp_path, capsys):
+    directory = _config_only("tiny-deepseek-vl2-base", tmp_path / "flagship")
+    assert main(["diff", str(directory), "--vision-topk", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("layers 2-3:\n") and "+ 1 x fastmmoe.route_pairs_topkv" in out
+    assert "fastmmoe.grouped_mm([-2*B*N + 3*B*S, 64], [9, 64, 64], [9])" in out  # 9 experts top-3, Kv 1
+    # compile needs the weights: the config alone is still refused, before any work
+    assert main([str(directory), "--out", str(tmp_path / "engine")]) == 2
+    assert "has a config.json but no weights" in capsys.readouterr().err
+    assert not (tmp_path / "engine").exists()
+
+
+def test_torchs_leafspec_deprecation_is_not_shown_and_other_warnings_are(monkeypatch):
+    # torch's export/AOTInductor code trips its own FutureWarning (four lines per compile); the CLI
+    # hides that one warning, nothing else.
+    import warnings
+
+    import fastmmoe_compile.cli as cli
+    from torch.utils import _pytree
+
+    def noisy(args):
+        _pytree.LeafSpec()  # what torch's own code does during a compile
+        warnings.warn("a FutureWarning of someone else's", FutureWarning)
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "presets", noisy)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert main(["presets"]) == 0
+        _pytree.LeafSpec()  # outside the CLI it is torch's business, as before
+    messages = [str(w.message) for w in shown]
+    assert messages[0] == "a FutureWarning of someone else's" and "LeafSpec" in messages[1] and len(messages) == 2, messages

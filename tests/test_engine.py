@@ -341,6 +341,42 @@ def test_manifest_lacking_what_the_loader_relies_on_is_refused(export_engines, t
     check_manifest(copy, read_manifest(copy, verify_hashes=False))
 
 
+EDITS = {  # id: (edit of a field the checks above cannot judge (any value is legal), the field named)
+    "num-layers": (_set("model", "num_layers", 3), "model.num_layers"),
+    "vision-expert-ratio": (_set("config", "vision_expert_ratio", 0.75), "config.vision_expert_ratio"),
+    "pass-record": (_set("passes", []), "passes"),
+    "source": (_set("model", "source", "someone/else"), "model.source"),
+    "field-added": (_set("config", "keep_ratio_note", "0.5"), "config.keep_ratio_note"),
+    "field-removed": (_drop("versions", "transformers"), "versions.transformers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITS))
+def test_an_edited_manifest_field_is_refused_by_name(export_engines, tmp_path, capsys, case):
+    edit, field = EDITS[case]
+    copy = tmp_path / "engine"
+    shutil.copytree(export_engines["text"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineFormatError, match=f"engine manifest was edited: {field} ") as info:
+        load_engine(copy)
+    assert "\n" not in str(info.value)
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 2  # inspect reports nothing the engine would not run
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"engine manifest was edited: {field} " in err, err
+
+
+def test_engines_written_before_the_integrity_record_still_load(export_engines, tmp_path):
+    copy = tmp_path / "engine"
+    shutil.copytree(export_engines["text"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["integrity"]  # what every engine written before it looks like
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert len(load_engine(copy).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)[0]) == 2
+
+
 @pytest.mark.parametrize("command,case", [("run", "backend-unknown"), ("run", "dtype-unknown"),
                                           ("run", "vision-family-unknown"), ("run", "files-missing"),
                                           ("inspect", "files-missing"), ("inspect", "files-outside-dot-dot")])

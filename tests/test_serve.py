@@ -33,6 +33,7 @@ pytest.importorskip("uvicorn", reason="the serve extra: pip install 'fastmmoe-co
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 300  # a loaded 2-core CI box loads an engine slowly; never longer than this
 MODEL = "tiny"
+MAX_BODY = 24_000_000  # the VLM server's --max-body-bytes: room for a 20 MiB prompt
 SIZES = {"s0": (40, 40), "s1": (60, 90), "s2": (120, 50), "s3": (90, 160), "s4": (150, 120), "s5": (30, 70)}
 
 
@@ -116,7 +117,7 @@ def servers(serve_engine_dir, text_engine_dir, media, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     vlm = ServerProcess(serve_engine_dir, ["--served-model-name", MODEL, "--max-batch", "4", "--max-queue", "32",
                                            "--max-model-len", "512", "--max-images", "4", "--max-image-pixels",
-                                           "200000", "--max-body-bytes", "2000000", "--allowed-local-media-path",
+                                           "200000", "--max-body-bytes", str(MAX_BODY), "--allowed-local-media-path",
                                            str(media[0])], logs / "vlm.log")
     text = ServerProcess(text_engine_dir, ["--served-model-name", MODEL, "--max-batch", "1", "--max-queue", "1",
                                            "--api-key", "sekret"], logs / "text.log")
@@ -316,7 +317,7 @@ def test_bad_inputs_are_4xx_and_the_server_keeps_answering(vlm, media, tmp_path)
         (with_image("http://127.0.0.1:9/x.png"), 403, "image_fetch_forbidden"),
         ({**good, "messages": [{"role": "assistant", "content": parts(media[1]["s0"])},
                                {"role": "user", "content": "x"}]}, 400, None),
-        (b"{" + b" " * 2_100_000 + b"}", 413, "body_too_large"),
+        (b"{" + b" " * MAX_BODY + b"}", 413, "body_too_large"),
     ]
     for body, status, code in cases:
         got, answer = vlm.post("/v1/chat/completions", body)
@@ -404,3 +405,164 @@ def test_queue_full_is_429_and_a_disconnected_stream_frees_its_slot(text_server)
     answer = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)
     assert answer.usage.completion_tokens == 3
     assert 'status="499"} 2.0' in text_server.metrics()
+
+
+# --- one request's work is bounded before it is done (issue 22) ---------------------------------
+
+def rss_mb(pid) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def timed(call):
+    t0 = time.monotonic()
+    result = call()
+    return result, time.monotonic() - t0
+
+
+# The server's RSS may grow by this much while it refuses a 20 MiB prompt: the body is held about
+# three times (the bytes read, the parsed JSON, the request's text) and nothing is tokenized.
+HUGE_PROMPT_RSS_MB = 150
+
+
+def test_a_huge_prompt_is_refused_at_once_and_delays_no_other(vlm):
+    client = vlm.client()
+
+    def small():
+        return chat(client, ("hi there, a small question",), max_tokens=4)
+
+    alone = min(timed(small)[1] for _ in range(3))  # its normal time
+    huge = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 20 * 2 ** 20}],
+                       "max_tokens": 4}).encode()
+    before, peak, stop = rss_mb(vlm.proc.pid), [0.0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(vlm.proc.pid))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            big = pool.submit(timed, lambda: vlm.post("/v1/chat/completions", huge))
+            time.sleep(0.05)  # the big one first, as in the report
+            beside = pool.submit(timed, small)
+            (status, answer), big_s = big.result()
+            reply, small_s = beside.result()
+    finally:
+        stop.set()
+        watcher.join()
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert "at least" in answer["error"]["message"]  # refused from its length, never tokenized
+    assert big_s < 1.0, big_s
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+    assert small_s < max(3 * alone, alone + 1.0), (small_s, alone)
+    assert peak[0] - before < HUGE_PROMPT_RSS_MB, (before, peak[0])
+    completion = vlm.post("/v1/completions", {"model": MODEL, "prompt": "y" * 2 ** 20, "max_tokens": 2})
+    assert completion[0] == 400 and completion[1]["error"]["code"] == "context_length_exceeded"
+
+
+# --- OpenAI parity: logprobs, penalties, value ranges (issue 22) ---------------------------------
+
+def last_logits(engine, prompt, chat_rule=True):
+    prefill = engine.prefill(prompts=prompt, chat=chat_rule)
+    return prefill.logits.reshape(-1, prefill.logits.shape[-1])[-1].float()
+
+
+def test_chat_logprobs_streamed_and_not(vlm, serve_engine):
+    client = vlm.client()
+    plain = chat(client, ("Describe it.",), max_tokens=5)
+    assert plain.choices[0].logprobs is None  # only when asked
+    answer = chat(client, ("Describe it.",), max_tokens=5, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert answer.choices[0].message.content == plain.choices[0].message.content
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+    # the first token's numbers are the model's own: log_softmax of the prompt's last logits
+    expected = torch.log_softmax(last_logits(serve_engine, "Describe it."), -1).topk(3).values.tolist()
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(expected, abs=1e-4)
+    chunks = list(chat(client, ("Describe it.",), max_tokens=5, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.top_logprobs[0].token) for e in streamed] == [(e.token, e.top_logprobs[0].token) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    zero = chat(client, ("Describe it.",), max_tokens=2, logprobs=True)
+    assert [e.top_logprobs for e in zero.choices[0].logprobs.content] == [[], []]
+
+
+def test_completion_logprobs_streamed_and_not(vlm, serve_engine):
+    client = vlm.client()
+    done = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=6, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert token in top and 1 <= len(top) <= 3 and value == pytest.approx(max(top.values()))
+    expected = torch.log_softmax(last_logits(serve_engine, "once upon a time", False), -1).max().item()
+    assert lp.token_logprobs[0] == pytest.approx(expected, abs=1e-4)
+    chunks = list(client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=6, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert [v for s in streamed for v in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
+def penalized_greedy(engine, prompt, n, presence=0.0, frequency=0.0):
+    """The reference: greedy decoding with OpenAI's penalties written out (counts of the tokens
+    generated so far), through engine.prefill / decode."""
+    prepared = engine.prepare(None, prompt, chat=False)
+    result = engine.prefill(**prepared.backbone_inputs())
+    state = engine.start_decode([result], n)
+    logits, tokens = result.logits.reshape(-1, result.logits.shape[-1])[-1].float(), []
+    for _ in range(n):
+        counts = torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=logits.shape[-1]).float()
+        token = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
+        tokens.append(token)
+        logits = engine.decode(state, torch.tensor([[token]]))[0].float()
+    return tokens
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them(vlm, serve_engine):
+    client = vlm.client()
+
+    def ids(**kw):
+        answer = client.completions.create(model=MODEL, prompt="la la la la", max_tokens=12, temperature=0, **kw)
+        return answer.choices[0].model_extra["token_ids"]
+
+    base = ids()
+    assert len(set(base)) < len(base)  # the tiny model repeats itself: the penalties have work to do
+    for kw in (dict(frequency_penalty=2.0), dict(presence_penalty=1.5), dict(presence_penalty=-1.0,
+                                                                               frequency_penalty=0.5)):
+        got = ids(**kw)
+        assert got == penalized_greedy(serve_engine, "la la la la", 12, kw.get("presence_penalty", 0.0),
+                                       kw.get("frequency_penalty", 0.0)), kw
+    assert ids(frequency_penalty=2.0) != base
+    # sampling with a penalty is seeded like any other
+    a = chat(client, ("hello",), max_tokens=6, temperature=1.0, seed=3, presence_penalty=0.5)
+    assert a.choices[0].message.content == chat(client, ("hello",), max_tokens=6, temperature=1.0, seed=3,
+                                                presence_penalty=0.5).choices[0].message.content
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=5), dict(temperature=2.01), dict(presence_penalty=2.5),
+                                dict(frequency_penalty=-3), dict(top_p=1.5), dict(logprobs=True, top_logprobs=21),
+                                dict(top_logprobs=2), dict(max_tokens=0)])
+def test_values_outside_openais_ranges_are_400(vlm, kw):
+    with pytest.raises(openai.BadRequestError):
+        vlm.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                             **{"max_tokens": 2, **kw})
+
+
+def test_values_at_openais_bounds_are_accepted(vlm):
+    answer = vlm.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2, temperature=2, top_p=1, presence_penalty=-2,
+                                                  frequency_penalty=2, logprobs=True, top_logprobs=20, seed=1)
+    assert len(answer.choices[0].logprobs.content[0].top_logprobs) == 20
+    with pytest.raises(openai.BadRequestError):
+        vlm.client().completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=6)

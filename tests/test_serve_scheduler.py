@@ -149,6 +149,33 @@ def test_serve_command_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp
     assert "serve needs uvicorn: pip install 'fastmmoe-compile[serve]'" in capsys.readouterr().err
 
 
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    # The port is bound before the engine loads and before anything is announced: a busy one is one
+    # line and exit 2 at once (the engine here is a manifest only: the load is never reached).
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "manifest.json").write_text(json.dumps({"format": "fastmmoe-engine", "format_version": 4, "files": {}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "fastmmoe_compile.cli", "serve", str(engine), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        elapsed = time.monotonic() - t0
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines() == [f"fastmmoe-compile: error: cannot listen on 127.0.0.1:{port}: the address is "
+                                        "already in use (another server on that port? pick another --port)"]
+    assert elapsed < 60  # the interpreter's start only (seconds); the engine load would come after
+
+
 def test_python_api_sampling_and_stop_strings(serve_engine):
     greedy = serve_engine.generate(prompts="Tell me more.", max_new_tokens=12)[0]
     assert serve_engine.generate(prompts="Tell me more.", max_new_tokens=12, temperature=0.9, top_k=1, seed=4)[0] \
@@ -179,3 +206,51 @@ def test_text_stream_waits_for_multi_byte_characters():
     assert "".join(pieces) == "añb" and s.stopped  # "€"'s first byte alone ("\ufffd") is no stop and not shown
     s = TextStream(BytesTokenizer())
     assert "".join(s.add(b) for b in data) + s.finish() == "añb€c"
+
+
+# --- penalties, logprobs and the prompt-length bounds (issue 22) ---------------------------------
+
+def test_penalties_follow_openais_formula_and_greedy_without_them_is_argmax():
+    from fastmmoe_compile.runtime.sampling import logprobs, penalize
+
+    logits = torch.tensor([3.0, 2.9, 2.5, 0.0, -1.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    # token 0 generated twice, token 2 once: logits[j] - c[j] * 0.25 - (c[j] > 0) * 0.5
+    assert torch.allclose(penalize(logits, p, [0, 2, 0]), torch.tensor([3.0 - 0.5 - 0.5, 2.9, 2.5 - 0.25 - 0.5, 0.0, -1.0]))
+    assert int(sample(logits[None], [p], [None], [[0, 2, 0]])[0]) == 1  # greedy on the penalised logits
+    assert int(sample(logits[None], [p], [None], [[]])[0]) == 0 and int(sample(logits[None], [p], [None])[0]) == 0
+    assert int(sample(logits[None], [SamplingParams(presence_penalty=-2.0)], [None], [[4]])[0]) == 0  # 1.0 < 3.0
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-2.1), dict(presence_penalty=float("nan"))):
+        with pytest.raises(EngineInputError, match="in \\[-2, 2\\]"):
+            SamplingParams(**bad)
+    value, top = logprobs(logits, 1, 2)
+    expected = torch.log_softmax(logits, -1)
+    assert value == pytest.approx(float(expected[1])) and [t for t, _ in top] == [0, 1]
+    assert [v for _, v in top] == pytest.approx(expected[:2].tolist()) and logprobs(logits, 1, 0)[1] == []
+
+
+def test_a_prompt_over_the_limit_is_refused_before_it_is_embedded(serve_engine, monkeypatch):
+    from fastmmoe_compile.serve.engine_io import EngineIO, chars_per_token
+    from fastmmoe_compile.serve.errors import APIError
+    from fastmmoe_compile.serve.protocol import Job, Limits, check_length_bound
+
+    io = EngineIO(serve_engine, "tiny", max_model_len=64)
+    tokenizer = serve_engine.front_end.tokenizer
+    # the cheap bound is a true bound: no text tokenizes to fewer tokens than it claims
+    per_token = chars_per_token(tokenizer)
+    assert per_token == 3 * max(len(t) for t in tokenizer.get_vocab())
+    for text in ("x" * 5000, "hello world " * 300, "<|im_start|>" * 200, "é" * 900, "日本語" * 400):
+        assert len(tokenizer(text)["input_ids"]) >= len(text) / per_token
+    limits = Limits(max_model_len=64, chars_per_token=per_token)
+    check_length_bound(per_token * 60, 0, 4, limits)  # may fit: left to the tokenizer
+    with pytest.raises(APIError, match="at least 61 tokens") as info:
+        check_length_bound(per_token * 60, 1, 4, limits)
+    assert info.value.code == "context_length_exceeded"
+    # under the cheap bound but over once tokenized: refused before anything is embedded
+    monkeypatch.setattr(serve_engine, "embed", lambda *a: pytest.fail("embedded a prompt over the limit"))
+    job = Job("chat", max_tokens=4, sampling=SamplingParams(), prompt="word " * 60, chat=True)
+    with pytest.raises(APIError, match="the prompt is \\d+ tokens and max_tokens 4") as info:
+        io.sample(job)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(APIError, match="the prompt is 70 tokens"):
+        io.sample(Job("completion", max_tokens=4, sampling=SamplingParams(), prompt_ids=list(range(70))))

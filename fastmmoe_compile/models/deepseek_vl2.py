@@ -281,6 +281,9 @@ class DeepseekVL2Family(DeepseekVL2FrontEnd, VLMFamily):
                     bias.normal_(0.0, 0.1)
         return model.to(dtype or torch.float32)
 
+    def read_config(self, path: str) -> Config:
+        return Config(json.loads((Path(path) / "config.json").read_text()))
+
     def load_checkpoint(self, path: str, dtype, device=None):
         """Built with its parameters on meta, then the checkpoint's tensors read straight into
         `dtype` on `device` and assigned (models/loading.py): one copy of the weights, no fp32 detour."""

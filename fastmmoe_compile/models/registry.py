@@ -15,13 +15,16 @@ from .presets import PRESETS
 from .vlm import VLMFamily
 
 
-def load_model(model_or_path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-               ) -> LoadedModel:
+def load_model(model_or_path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               *, weights: bool = True) -> LoadedModel:
     """A PreTrainedModel, a preset name, a local checkpoint directory, or a hub id, with its
     weights in `dtype` on `device` (None: the checkpoint's dtype, the CPU). Checkpoints load
     straight to the device and dtype (transformers' meta initialisation and device_map; the
     DeepSeek-VL2 adapter likewise): never a full fp32 copy on the host first. Random presets are
-    built on the CPU (the same seed gives the same weights on every device) and then moved."""
+    built on the CPU (the same seed gives the same weights on every device) and then moved.
+    weights=False: for what needs shapes only (diff, flops), a checkpoint directory holding a
+    config.json and no weights is built from that config on the meta device (bfloat16 unless
+    `dtype`), for every supported family; with weights=True (compile) it is a FileNotFoundError."""
     from transformers import PreTrainedModel
 
     device = None if device is None else torch.device(device)
@@ -48,8 +51,47 @@ def load_model(model_or_path, dtype: torch.dtype | None = None, device: str | to
         if device is not None and not loaded.on_meta:
             (loaded.vision.model if loaded.vision is not None else loaded.lm).to(device)
         return loaded
+    if not weights and _config_only(name):
+        return _from_config(name, dtype)
     check_model_name(name)
     return _from_pretrained(name, dtype, device)
+
+
+def _config_only(name: str) -> bool:
+    if not os.path.isdir(name):
+        return False
+    files = os.listdir(name)
+    return "config.json" in files and not any(f.endswith(WEIGHT_SUFFIXES) for f in files)
+
+
+def _from_config(name: str, dtype) -> LoadedModel:
+    """A shape-only model (meta device) of a checkpoint directory's config.json, as the real-size
+    presets are built (presets.Preset.build)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = dtype or torch.bfloat16
+    own = _own_format(name)
+    if own is not None:  # DeepSeek-VL2: its adapter reads the official config.json
+        config = own.read_config(name)
+        family_for(own.text_config(config))
+        with torch.device("meta"):
+            model = own.random_model(config, dtype)
+        return load_vlm(model.eval(), name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnsupportedModelError(f"{name}/config.json cannot be read as a transformers config: {reason}") from e
+    if config.model_type in VLM_FAMILIES:
+        family = VLM_FAMILIES[config.model_type]
+        family_for(family.text_config(config))
+        with torch.device("meta"):
+            model = family.random_model(config, dtype)
+        return load_vlm(model.eval(), name)
+    family = family_for(config)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return LoadedModel(lm.eval(), family, name)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

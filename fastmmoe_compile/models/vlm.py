@@ -48,6 +48,11 @@ class VLMFamily(FrontEndFamily):
         config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
         return AutoModelForImageTextToText.from_config(config, dtype=dtype)
 
+    def read_config(self, path: str):
+        """Non-native families: the config of a checkpoint dir (its config.json alone), for a
+        shape-only model on the meta device (registry.load_model(..., weights=False))."""
+        raise NotImplementedError
+
     def load_checkpoint(self, path: str, dtype, device=None) -> tuple:
         """Non-native families: a checkpoint dir -> (model, tokenizer or None, image processor or None),
         its weights read straight into `dtype` on `device` (None: the checkpoint's, the CPU)."""

@@ -19,7 +19,7 @@ from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls
 from . import inputs
 from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
 from .backends import load_role, load_weights, loader_names
-from .manifest import EngineFormatError, read_manifest
+from .manifest import EngineFormatError, check_integrity, read_manifest
 from .specs import InputSpecError, known_names, known_spec, specs_of
 
 # The token-embedding table [vocab, H]: manifest["embeddings"] = {"file": <a safetensors file of the
@@ -67,14 +67,16 @@ class Engine:
         return torch.nn.functional.embedding(ids, self.embeddings)
 
     @torch.no_grad()
-    def prepare(self, images=None, prompts=None, *, chat: bool = True):
+    def prepare(self, images=None, prompts=None, *, chat: bool = True, max_length: int | None = None):
         """VLM engines: images (paths, PIL images) + prompts (one "<image>" per image) -> a
-        runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions."""
+        runtime.multimodal.Prepared with input_ids, inputs_embeds and vision_positions.
+        max_length: the most tokens a prompt may have; a longer one is a
+        runtime.inputs.PromptTooLongError raised after tokenizing, before embedding or encoding."""
         if self.front_end is None:
             raise EngineInputError(f"this engine was compiled from a text-only {self.info.get('model_type')} "
                                    f"model ({self.info.get('source')}): it takes input_ids or inputs_embeds, not "
                                    "images and prompts")
-        return self.front_end.prepare(self, images, prompts, chat=chat)
+        return self.front_end.prepare(self, images, prompts, chat=chat, max_length=max_length)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
@@ -205,6 +207,8 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
         front_end.encoder = on_device(front_end.encoder, device, outputs_to_host=True)
     backbone = load_role(path, manifest, "backbone", weights)
     decode = load_role(path, manifest, "decode", weights) if "decode" in programs else None
+    # Last: a field the checks above find wrong is named with its legal values first.
+    check_integrity(path, manifest)
     return Engine(_as_tuple(on_device(backbone, device)), manifest["model"], embeddings,
                   manifest, path, front_end=front_end, decode_step=on_device(decode, device))
 

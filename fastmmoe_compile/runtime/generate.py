@@ -177,7 +177,7 @@ def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=Non
     if engine.decode_step is None and max_new_tokens > 1:
         raise DecodeUnavailableError(engine.no_decode_message())
     sampler = None
-    if sampling is not None and not sampling.greedy:
+    if sampling is not None and not sampling.argmax_only:
         from .sampling import Sampler
 
         sampler = Sampler([sampling] * len(samples))

@@ -34,6 +34,15 @@ class EngineInputTypeError(EngineInputError, TypeError):
     """An argument of the wrong dtype or Python type."""
 
 
+class PromptTooLongError(EngineInputError):
+    """A prompt tokenized to more than the caller's max_length (Engine.prepare): found before
+    anything is embedded or encoded. length: its tokens; limit: max_length."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"the prompt is {length} tokens; at most {limit} allowed")
+        self.length, self.limit = length, limit
+
+
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in ("a", "e", "i", "o") else "a ") + kind
 
@@ -400,9 +409,12 @@ def prompts_and_images(images, prompts) -> tuple[list[str], list[list]]:
     return texts, [list(x) for x in images]
 
 
-def prompt_token_counts(ids: list, prompts: list[str], chat: bool) -> None:
-    """Each tokenized prompt must give the backbone at least 2 tokens."""
+def prompt_token_counts(ids: list, prompts: list[str], chat: bool, max_length: int | None = None) -> None:
+    """Each tokenized prompt must give the backbone at least 2 tokens (EngineInputError), and at
+    most max_length where one is given (PromptTooLongError)."""
     for i, x in enumerate(ids):
+        if max_length is not None and len(x) > max_length:
+            raise PromptTooLongError(len(x), max_length)
         if len(x) < 2:
             where = "prompts" if len(ids) == 1 else f"prompts[{i}]"
             mode = "" if chat else " with chat=False"

@@ -21,6 +21,12 @@ FORMAT = "fastmmoe-engine"
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)
 MANIFEST = "manifest.json"
+# manifest["integrity"] = {"fields": {dotted path of each leaf: sha256 of its JSON}}: the fields that
+# describe the compiled program (model facts, configuration, pass record, versions, ...) as the
+# compile wrote them, so that an edited one is refused by name at load (check_integrity) instead of
+# being reported by inspect while the programs do otherwise. Not a signature: it catches edits, not
+# forgery. Engines written before it (no "integrity") load as before.
+INTEGRITY = "integrity"
 # Inside a partial engine dir while it is written: who writes it, so that a later compile can
 # prove a partial left by a killed one (SIGKILL runs no cleanup) abandoned and remove it.
 OWNER = ".fastmmoe-owner.json"
@@ -45,7 +51,43 @@ def write_manifest(directory: Path, manifest: dict) -> None:
         if p.is_file() and p.name not in (MANIFEST, OWNER):
             files[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     body = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+    body[INTEGRITY] = {"fields": field_digests(body)}  # sealed last: over the fields as written
     (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+
+
+def field_digests(manifest: dict) -> dict[str, str]:
+    """{dotted path: sha256 hex of the canonical JSON of the value} for every leaf of the manifest
+    (objects are walked, lists and scalars are leaves), "files" (hashed file by file already) and
+    "integrity" itself left out. The path is part of what is hashed, so a value cannot move."""
+    out = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            text = json.dumps([prefix, value], sort_keys=True, separators=(",", ":"))
+            out[prefix] = hashlib.sha256(text.encode()).hexdigest()
+
+    walk("", {k: v for k, v in manifest.items() if k not in ("files", INTEGRITY)})
+    return out
+
+
+def check_integrity(directory: str | os.PathLike, manifest: dict) -> None:
+    """EngineFormatError "engine manifest was edited: FIELD" (the first such field, in sorted order)
+    when a field differs from what the compile wrote, or was added or removed. A manifest without
+    "integrity" (an engine written before it existed) passes."""
+    seal = manifest.get(INTEGRITY)
+    if seal is None:
+        return
+    written = seal.get("fields") if isinstance(seal, dict) else None
+    if not isinstance(written, dict):
+        raise EngineFormatError(f"{directory}: engine manifest was edited: {INTEGRITY} (recompile the model)")
+    now = field_digests(manifest)
+    for field in sorted(set(now) | set(written)):
+        if now.get(field) != written.get(field):
+            raise EngineFormatError(f"{directory}: engine manifest was edited: {field} (the manifest must say what "
+                                    "the compile wrote; recompile the model to change it)")
 
 
 def read_manifest(directory: str | os.PathLike, verify_hashes: bool = True) -> dict:
@@ -117,11 +159,13 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
 def _check_replaceable(out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
+    # The hint names only what works: overwrite replaces an engine, never the user's other files.
+    if not is_engine(out):
+        raise FileExistsError(f"{out} exists and is not a fastmmoe engine (no {FORMAT} {MANIFEST}): "
+                              f"{'overwrite replaces only an engine directory; ' if overwrite else ''}"
+                              "remove it yourself or write elsewhere")
     if not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    if not is_engine(out):
-        raise FileExistsError(f"{out} exists and is not a fastmmoe engine (no {FORMAT} {MANIFEST}): overwrite "
-                              "replaces only an engine directory; remove it yourself or write elsewhere")
 
 
 def is_engine(path: Path) -> bool:

@@ -65,7 +65,7 @@ class FrontEnd:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 
-    def prepare(self, engine, images, prompts, chat: bool = True) -> Prepared:
+    def prepare(self, engine, images, prompts, chat: bool = True, max_length: int | None = None) -> Prepared:
         if self.tokenizer is None or self.image_processor is None:
             raise EngineInputError("this engine has no tokenizer/image processor (its source, an in-memory "
                                    "model or a checkpoint without them, had none): compile a checkpoint "
@@ -100,7 +100,7 @@ class FrontEnd:
         per_sample_tiles = [tiles[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
         texts = [self.family.expand(self.tokenizer, t, n, self.facts) for t, n in zip(texts, per_sample_layouts)]
         ids = [torch.tensor(x, dtype=torch.long) for x in self.tokenizer(texts)["input_ids"]]
-        inputs.prompt_token_counts(ids, prompts, chat)
+        inputs.prompt_token_counts(ids, prompts, chat, max_length)  # before the embedding and the vision encoder
         masks = [x == self.facts["image_token_id"] for x in ids]
         embeds = [engine.embed(x[None])[0] for x in ids]
         features, outputs = None, None

@@ -1,10 +1,12 @@
 """Token sampling and stop strings, shared by Engine.generate and the server (fastmmoe_compile.serve).
 
 Sampling follows the usual logits-processor order (Hugging Face's LogitsProcessorList and vLLM's
-sampler): divide by the temperature, keep the top_k largest logits, keep the smallest set of
+sampler): subtract the presence and frequency penalties (OpenAI's definition: for each token j
+already generated c[j] times, logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;
+only the sample's own generated tokens count, not its prompt), divide by the temperature, keep the top_k largest logits, keep the smallest set of
 tokens whose probability mass reaches top_p (nucleus sampling, Holtzman et al. 2019, "The Curious
 Case of Neural Text Degeneration"), then draw from the softmax. temperature == 0 is greedy:
-exactly argmax, as Engine.generate always did. Each sample draws from its own torch.Generator
+exactly argmax (of the penalised logits where a penalty is set), as Engine.generate always did. Each sample draws from its own torch.Generator
 seeded with its seed, so its tokens do not depend on what else shares the batch.
 """
 from __future__ import annotations
@@ -25,6 +27,9 @@ class SamplingParams:
     temperature: >= 0; 0 is greedy (argmax). top_p: in (0, 1]; 1 keeps every token. top_k: >= 0;
     0 keeps every token. seed: an int for reproducible draws (same seed, same tokens), None for a
     fresh random seed. stop: strings that end the text (not included in it); they need a tokenizer.
+    presence_penalty, frequency_penalty: in [-2, 2] (OpenAI's range), subtracted from the logits of
+    tokens already generated (once, and once per occurrence); 0 (the default) changes nothing.
+    EngineInputError for any value outside these ranges.
     """
 
     temperature: float = 0.0
@@ -32,6 +37,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def number(name, value, ok, expected):
@@ -41,6 +48,8 @@ class SamplingParams:
 
         number("temperature", self.temperature, lambda v: v >= 0, "a number >= 0 (0 is greedy)")
         number("top_p", self.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        number("presence_penalty", self.presence_penalty, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+        number("frequency_penalty", self.frequency_penalty, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise EngineInputError(f"top_k must be an int >= 0 (0 keeps every token), got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -56,6 +65,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy on the logits as they come: no sampler needed."""
+        return self.greedy and not self.penalized
+
 
 GREEDY = SamplingParams()
 
@@ -68,9 +86,13 @@ class Sampler:
     def __init__(self, params: list[SamplingParams]):
         self.params = list(params)
         self.generators = [make_generator(p) for p in self.params]
+        self.histories: list[list[int]] = [[] for _ in self.params]  # each row's tokens so far (penalties)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, self.params, self.generators)
+        tokens = sample(logits, self.params, self.generators, self.histories)
+        for history, token in zip(self.histories, tokens.tolist()):
+            history.append(token)
+        return tokens
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -81,14 +103,40 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed % (1 << 63))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
+           histories: list | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next token ids [B] int64, row i drawn with params[i] and
-    generators[i] (make_generator). Greedy rows are logits.argmax(-1), bit for bit."""
+    generators[i] (make_generator). histories[i]: the token ids row i has generated so far, which
+    its penalties count (None: no history, no penalty). Greedy rows without penalties are
+    logits.argmax(-1), bit for bit."""
     tokens = logits.argmax(dim=-1)
     for i, (p, g) in enumerate(zip(params, generators)):
+        row = logits[i]
+        if p.penalized and histories is not None and len(histories[i]):
+            row = penalize(row.float(), p, histories[i])
+            if p.greedy:
+                tokens[i] = row.argmax()
         if not p.greedy:
-            tokens[i] = _draw(logits[i].float(), p, g)
+            tokens[i] = _draw(row.float(), p, g)
     return tokens
+
+
+def penalize(logits: torch.Tensor, p: SamplingParams, history) -> torch.Tensor:
+    """logits [V] float -> logits minus OpenAI's presence and frequency penalties for the tokens in
+    history (a list or 1-D tensor of ids in [0, V))."""
+    ids = torch.as_tensor(history, dtype=torch.long, device=logits.device)
+    counts = torch.bincount(ids, minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+    return logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+
+
+def logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` under logits [V] (log_softmax in float32, before
+    temperature, top-k/p and penalties: what the model itself gave, as vLLM reports by default),
+    and the `top` most likely (token id, log-probability) pairs, most likely first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(lp, min(top, lp.shape[-1])) if top > 0 else None
+    alternatives = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
+    return float(lp[token]), alternatives
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:

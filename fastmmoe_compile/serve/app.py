@@ -1,6 +1,10 @@
 """The HTTP side: OpenAI's chat completions and completions over Starlette, plus /health and /metrics.
 
-Handlers parse and check a request (protocol.py; images are decoded in a worker thread), queue it
+Handlers read a request, take a queue slot (429 when none is free), then parse and check it
+(protocol.py: a prompt that cannot fit --max-model-len is refused from its length before anything
+is tokenized or decoded) and prepare it (EngineIO.sample: tokenize, refuse it if too long, decode
+and encode its images, embed) in the server's PREPARE_THREADS worker threads, never on the event
+loop nor on the scheduler's thread: a slow request delays no other's generation. They then queue it
 on the scheduler, and turn its events into a JSON response or server-sent events
 ("data: {chunk}" lines, "data: [DONE]" last). A streaming request waits for its first event before
 answering, so a request the engine refuses is still a plain 4xx. A client that goes away cancels
@@ -14,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +32,9 @@ from .scheduler import Handle
 
 access_log = logging.getLogger("fastmmoe_compile.serve.access")
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
+# Requests parsed and prepared at once. Each holds at most its body, its decoded images and its
+# embeddings (README "Serve": the memory bound); two keep a slow one from holding up the next.
+PREPARE_THREADS = 2
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -44,8 +52,10 @@ async def read_json(request: Request, max_bytes: int):
     if size > max_bytes:
         raise APIError(413, f"the request body is {size} bytes; at most {max_bytes} (--max-body-bytes)",
                        code="body_too_large")
-    try:
-        return json.loads(b"".join(chunks))
+    data = b"".join(chunks)
+    del chunks
+    try:  # a body of megabytes takes a while to parse: not on the event loop
+        return await run_in_threadpool(json.loads, data)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
 
@@ -59,6 +69,7 @@ class Server:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+        self.prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="fastmmoe-prepare")
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
@@ -114,12 +125,17 @@ class Server:
         try:
             self._authorize(request)
             body = await read_json(request, self.max_body_bytes)
-            if kind == "chat":
-                job = await run_in_threadpool(parse_chat, body, self.io.name, self.limits, self.io.conversation)
-            else:
-                job = parse_completion(body, self.io.name, self.limits)
+            self.scheduler.reserve()  # 429 before any work when the queue is full
+            try:
+                job, prepared = await asyncio.get_running_loop().run_in_executor(self.prepare_pool, self._prepare,
+                                                                                  kind, body)
+            except BaseException:
+                self.scheduler.release()
+                raise
+            del body
             handle = Handle(job, asyncio.get_running_loop(), arrived=arrived)
-            self.scheduler.submit(handle)
+            handle.prepared, handle.prompt_tokens = prepared, prepared[1]
+            self.scheduler.submit(handle, reserved=True)
             first = await self._next(handle, request)
             if first is None:
                 return self._finish(rid, endpoint, handle, 499, Response(status_code=499))
@@ -135,6 +151,20 @@ class Server:
             return StreamingResponse(self._sse(rid, endpoint, kind, handle, first), media_type="text/event-stream")
         return await self._complete(rid, endpoint, kind, handle, first, request)
 
+    def _prepare(self, kind: str, body):
+        """In a prepare thread: (Job, (sample, prompt tokens)) of a request body; APIError for a bad one."""
+        if kind == "chat":
+            job = parse_chat(body, self.io.name, self.limits, self.io.conversation)
+        else:
+            job = parse_completion(body, self.io.name, self.limits)
+        try:
+            return job, self.io.sample(job)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001  (one request's failure is its own 500)
+            logging.getLogger("fastmmoe_compile.serve").exception("preparing a request failed")
+            raise APIError(500, f"internal error while preparing the request: {type(e).__name__}") from e
+
     async def _next(self, handle: Handle, request: Request):
         """The request's next event; None (and the request cancelled) once its client has gone."""
         while True:
@@ -145,36 +175,74 @@ class Server:
                     self.scheduler.cancel(handle)
                     return None
 
+    # --- logprobs, in OpenAI's two formats ---------------------------------------------------
+    def _chat_logprobs(self, entries: list) -> dict:
+        """[(token id, (logprob, [(id, logprob)]))] -> chat's {"content": [...]}."""
+        def one(token, logprob):
+            text = self.io.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(token, lp), "top_logprobs": [one(t, p) for t, p in top]}
+                            for token, (lp, top) in entries], "refusal": None}
+
+    def _completion_logprobs(self, entries: list, offset: int = 0) -> dict:
+        """[(token id, (logprob, [(id, logprob)]))] -> completions' {"tokens", "token_logprobs",
+        "top_logprobs" (the alternatives and the chosen token, by text), "text_offset"} (each token's
+        offset: the lengths of the tokens' texts before it, from `offset`)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, (lp, top) in entries:
+            text = self.io.token_text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({**{self.io.token_text(t): p for t, p in top}, text: lp})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
     async def _complete(self, rid, endpoint, kind, handle, event, request):
-        text, tokens = [], []
+        text, tokens, entries = [], [], []
         while event[0] == "token":
             text.append(event[1])
             tokens.append(event[2])
+            if event[3] is not None:
+                entries.append((event[2], event[3]))
             event = await self._next(handle, request)
             if event is None:
                 return self._finish(rid, endpoint, handle, 499, Response(status_code=499))
         if event[0] == "error":
             return self._finish(rid, endpoint, handle, event[1].status, error_response(event[1]))
         reason = event[1]
+        logprobs = None
+        if handle.job.logprobs is not None:
+            logprobs = self._chat_logprobs(entries) if kind == "chat" else self._completion_logprobs(entries)
         choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": reason,
-                   "logprobs": None} if kind == "chat" else
-                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None, "token_ids": tokens})
+                   "logprobs": logprobs} if kind == "chat" else
+                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": logprobs,
+                   "token_ids": tokens})
         body = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.io.name, "choices": [choice], "usage": self._usage(handle)}
         return self._finish(rid, endpoint, handle, 200, JSONResponse(body))
 
     async def _sse(self, rid, endpoint, kind, handle, event):
         created, status = int(time.time()), 499
+        offset = [0]  # completions' text_offset runs on across chunks
 
-        def chunk(piece=None, reason=None, token=None, usage=None):
+        def chunk(piece=None, reason=None, token=None, usage=None, logprob=None):
+            entries = [] if logprob is None else [(token, logprob)]
             if kind == "chat":
                 delta = {} if piece is None else ({"role": "assistant", "content": piece} if token is None
                                                   else {"content": piece})
-                choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]
+                logprobs = self._chat_logprobs(entries) if entries else None
+                choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": reason,
+                                             "logprobs": logprobs}]
                 obj = "chat.completion.chunk"
             else:
+                logprobs = None
+                if entries:
+                    logprobs = self._completion_logprobs(entries, offset[0])
+                    offset[0] += sum(len(t) for t in logprobs["tokens"])
                 choices = [] if usage else [{"index": 0, "text": piece or "", "finish_reason": reason,
-                                             "logprobs": None, **({} if token is None else {"token_ids": [token]})}]
+                                             "logprobs": logprobs, **({} if token is None else {"token_ids": [token]})}]
                 obj = "text_completion"
             data = {"id": rid, "object": obj, "created": created, "model": self.io.name, "choices": choices}
             if usage:
@@ -185,7 +253,7 @@ class Server:
             if kind == "chat":
                 yield chunk("")  # the role first, as OpenAI's first chunk
             while event[0] == "token":
-                yield chunk(event[1], token=event[2])
+                yield chunk(event[1], token=event[2], logprob=event[3])
                 event = await handle.events.get()
             if event[0] == "error":
                 status = event[1].status

@@ -7,13 +7,48 @@ answer's text is then empty and its tokens are in the choice's `token_ids`.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..runtime import inputs
 from ..runtime.frontends import PLACEHOLDER
 from ..runtime.frontends.base import PromptError
-from ..runtime.inputs import EngineInputError
+from ..runtime.inputs import EngineInputError, PromptTooLongError
 from .errors import APIError
+
+# Unicode normalization may compose characters (NFC: a base and a combining mark, or Hangul's
+# three jamo, become one), so a token may stand for up to 3x the characters of its own text.
+NORMALIZATION_SLACK = 3
+_LENGTH_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
+
+
+def chars_per_token(tokenizer) -> int | None:
+    """The most characters of text one token can stand for, None where that is not known.
+    Byte-level BPE (every supported family) writes each byte of a token as one character of its
+    vocabulary entry, so a token stands for at most len(entry) bytes, hence characters; times
+    NORMALIZATION_SLACK for a normalizer that composes characters. A tokenizer whose normalizer
+    may drop characters (BERT's strips accents and controls), or a slow one, gives None: its
+    prompts are only checked once tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        normalizer = json.loads(backend.to_str()).get("normalizer")
+    except (ValueError, AttributeError):
+        return None
+
+    def keeps(n) -> bool:
+        if n is None:
+            return True
+        if n.get("type") == "Sequence":
+            return all(keeps(m) for m in n.get("normalizers", []))
+        return n.get("type") in _LENGTH_KEEPING_NORMALIZERS
+
+    if not keeps(normalizer):
+        return None
+    longest = max((len(entry) for entry in tokenizer.get_vocab()), default=0)
+    return longest * NORMALIZATION_SLACK if longest else None
 
 NO_TOKENIZER = ("this engine has no tokenizer (text-only engines carry none; VLM engines compiled from a "
                 "checkpoint without tokenizer files neither): it cannot read text; send /v1/completions a "
@@ -34,6 +69,14 @@ class EngineIO:
         self.vision = front is not None
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
+        self.chars_per_token = chars_per_token(self.tokenizer) if self.tokenizer is not None else None
+
+    def token_text(self, token: int) -> str:
+        """One token as logprobs show it: its text alone (a piece of a multi-byte character decodes
+        to U+FFFD, as OpenAI's and vLLM's do), or "token_id:N" for an engine without a tokenizer."""
+        if self.tokenizer is None:
+            return f"token_id:{token}"
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def conversation(self, turns: list) -> tuple[str, bool]:
         """[(role, [("text", str) | ("image", None)])] -> (prompt with PLACEHOLDER per image, chat)."""
@@ -61,31 +104,41 @@ class EngineIO:
                                 "them in a conversation: send one user message", code="unsupported_conversation")
         return rendered.replace(image_text, PLACEHOLDER), False
 
+    def _too_long(self, length: int, job) -> APIError:
+        return APIError(400, f"the prompt is {length} tokens and max_tokens {job.max_tokens}: more than the "
+                             f"{self.max_model_len} this server allows (--max-model-len)",
+                        code="context_length_exceeded")
+
     def sample(self, job) -> tuple[tuple, int]:
         """A Job -> (one sample (embeds [S, H], vision positions [N], extras) as generate takes it,
-        prompt tokens S). APIError 400 for anything the engine cannot take."""
+        prompt tokens S). APIError 400 for anything the engine cannot take; a prompt over
+        --max-model-len is found once tokenized, before it is embedded or its images encoded.
+        Runs in the server's prepare threads (app.py), not the scheduler's: it may take a while."""
         engine = self.engine
         if job.max_tokens > 1 and engine.decode_step is None:
             raise APIError(400, engine.no_decode_message() + "; or ask for max_tokens 1", code="no_decode")
         if job.sampling.stop and self.tokenizer is None:
             raise APIError(400, "stop strings need the engine's tokenizer; " + NO_TOKENIZER, code="no_tokenizer")
+        room = self.max_model_len - job.max_tokens
         try:
             if job.prompt_ids is not None:
+                if len(job.prompt_ids) > room:
+                    raise self._too_long(len(job.prompt_ids), job)
                 samples = inputs.sample_inputs(engine, torch.tensor(job.prompt_ids), None, None, None, {})
             else:
                 if self.tokenizer is None:
                     raise APIError(400, NO_TOKENIZER, code="no_tokenizer")
-                prepared = engine.prepare(job.images or None, job.prompt, chat=job.chat)
+                prepared = engine.prepare(job.images or None, job.prompt, chat=job.chat, max_length=max(room, 0))
                 samples = inputs.sample_inputs(engine, None, prepared.inputs_embeds, prepared.vision_positions, None,
                                                prepared.extras)
+        except PromptTooLongError as e:
+            raise self._too_long(e.length, job) from e
         except (EngineInputError, PromptError) as e:
             raise APIError(400, str(e), code="invalid_prompt") from e
         sample = samples[0]
         length = int(sample[0].shape[0])
-        if length + job.max_tokens > self.max_model_len:
-            raise APIError(400, f"the prompt is {length} tokens and max_tokens {job.max_tokens}: more than the "
-                                f"{self.max_model_len} this server allows (--max-model-len)",
-                           code="context_length_exceeded")
+        if length > room:
+            raise self._too_long(length, job)
         return sample, length
 
     def decode(self, tokens: list[int]) -> str:

@@ -1,13 +1,16 @@
 """Build a server for an engine directory and run it with uvicorn (`fastmmoe-compile serve`)."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserInputError
 from .media import MediaPolicy
 from .protocol import Limits
 
@@ -56,6 +59,34 @@ class ServeOptions:
             raise ValueError("--api-key is empty")
 
 
+class ListenError(UserInputError, OSError):
+    """--host/--port cannot be listened on (in use, not this machine's address, no permission)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening (port 0: a free one, sock.getsockname()[1]).
+    ListenError, one line, when it cannot be: a busy port is found before the engine loads and
+    before anything is announced. SO_REUSEADDR as uvicorn sets it (a restart right after a stop
+    binds; a port another process listens on is still refused)."""
+    try:  # IPv6 only for an IPv6 address, as uvicorn does ("localhost" is 127.0.0.1)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, family=socket.AF_INET6 if ":" in host else socket.AF_INET, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on --host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as e:
+        sock.close()
+        why = ("the address is already in use (another server on that port? pick another --port)"
+               if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def build_server(engine_dir, options: ServeOptions, engine=None):
     """(Server, Scheduler) for the engine at engine_dir (or an already loaded `engine`); the
     scheduler is not started."""
@@ -72,7 +103,8 @@ def build_server(engine_dir, options: ServeOptions, engine=None):
     media = MediaPolicy(options.max_image_bytes, options.max_image_pixels,
                         Path(options.allowed_local_media_path) if options.allowed_local_media_path else None,
                         options.allow_image_fetch, options.fetch_timeout)
-    limits = Limits(options.max_images, options.default_max_tokens, options.max_model_len - 1, media)
+    limits = Limits(options.max_images, options.default_max_tokens, options.max_model_len - 1, media,
+                    options.max_model_len, io.chars_per_token)
     metrics = Metrics()
     scheduler = Scheduler(io, metrics, options.max_batch, options.max_queue)
     return Server(io, scheduler, metrics, limits, options.api_key, options.max_body_bytes), scheduler
@@ -86,20 +118,32 @@ def _loopback(host: str) -> bool:
 
 
 def serve(engine_dir, options: ServeOptions) -> None:
-    """Load the engine, start the scheduler and serve until interrupted (SIGINT/SIGTERM)."""
+    """Check the engine dir, bind the port (ListenError when busy), load the engine, start the
+    scheduler and serve until interrupted (SIGINT/SIGTERM). Nothing is announced before the port
+    is bound: a busy port is one line, found in milliseconds."""
     import uvicorn
 
-    logging.basicConfig(level=options.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    server, scheduler = build_server(engine_dir, options)
-    if not _loopback(options.host) and options.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", options.host)
-    if server.io.tokenizer is None:
-        log.warning("this engine has no tokenizer: only /v1/completions with token-id prompts will be answered")
-    scheduler.start()
-    log.info("serving %s (%s) on http://%s:%d/v1 (pid %d)", server.io.name, engine_dir, options.host, options.port,
-             os.getpid())
+    from ..runtime.manifest import read_manifest
+
+    options.check()
+    read_manifest(engine_dir, verify_hashes=False)  # not an engine: said before the port is taken
+    sock = listen(options.host, options.port)
     try:
-        uvicorn.run(server.app, host=options.host, port=options.port, log_level=options.log_level,
-                    access_log=False, timeout_graceful_shutdown=5)
+        logging.basicConfig(level=options.log_level.upper(), format="%(message)s", stream=sys.stderr)
+        server, scheduler = build_server(engine_dir, options)
+        if not _loopback(options.host) and options.api_key is None:
+            log.warning("serving on %s without --api-key: anyone who can reach it can use it", options.host)
+        if server.io.tokenizer is None:
+            log.warning("this engine has no tokenizer: only /v1/completions with token-id prompts will be answered")
+        scheduler.start()
+        port = sock.getsockname()[1]
+        log.info("serving %s (%s) on http://%s:%d/v1 (pid %d)", server.io.name, engine_dir, options.host, port,
+                 os.getpid())
+        config = uvicorn.Config(server.app, log_level=options.log_level, access_log=False,
+                                timeout_graceful_shutdown=5)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            scheduler.stop()
     finally:
-        scheduler.stop()
+        sock.close()

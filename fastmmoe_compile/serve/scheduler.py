@@ -23,7 +23,7 @@ import torch
 from ..runtime.batching import concat_states, ensure_room, select_rows
 from ..runtime.generate import prefill_samples
 from ..runtime.inputs import EngineInputError
-from ..runtime.sampling import TextStream, make_generator, sample
+from ..runtime.sampling import TextStream, logprobs, make_generator, sample
 from .errors import APIError
 
 log = logging.getLogger("fastmmoe_compile.serve")
@@ -31,7 +31,11 @@ log = logging.getLogger("fastmmoe_compile.serve")
 
 class Handle:
     """One request as both sides see it. The scheduler thread puts events on `events` (through the
-    HTTP side's event loop): ("token", text piece, token id), ("done", finish_reason), ("error", APIError)."""
+    HTTP side's event loop): ("token", text piece, token id, logprob), ("done", finish_reason),
+    ("error", APIError). logprob: None, or (the token's log-probability, [(token id, log-probability)]
+    of the job.logprobs most likely tokens) where the job asks for logprobs.
+    prepared: (sample, prompt tokens) of EngineIO.sample when the HTTP side prepared the request
+    (off the scheduler thread); None: the scheduler prepares it at admission."""
 
     def __init__(self, job, loop: asyncio.AbstractEventLoop | None = None, on_event=None,
                  arrived: float | None = None):
@@ -47,6 +51,7 @@ class Handle:
         self.completion_tokens = 0
         self.vision_tokens = (0, 0)  # before / after token reduction
         self.finish_reason: str | None = None
+        self.prepared: tuple | None = None
 
     def emit(self, event: tuple) -> None:
         if self.on_event is not None:
@@ -80,6 +85,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.waiting: collections.deque[Handle] = collections.deque()
+        self.reserved = 0  # queue slots of requests being prepared (reserve)
         self.cond = threading.Condition()
         self.rows: list[_Row] = []
         self.state = None  # the running DecodeState, rows in self.rows' order
@@ -89,12 +95,32 @@ class Scheduler:
         self.alive = False
 
     # --- the HTTP side ----------------------------------------------------------------------
-    def submit(self, handle: Handle) -> None:
-        """Queue a request; APIError 429 (with Retry-After) when --max-queue requests already wait."""
+    def _busy(self) -> APIError:
+        return APIError(429, f"the server is busy: {len(self.waiting) + self.reserved} requests are already waiting "
+                             "(--max-queue); retry later", code="queue_full", headers={"Retry-After": "1"})
+
+    def reserve(self) -> None:
+        """Take a queue slot for a request about to be parsed and prepared (tokenized, its images
+        decoded and encoded), so that requests in preparation count against --max-queue too:
+        APIError 429 when none is free. submit(handle, reserved=True) then uses the slot;
+        release() gives it back where the request fails first."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are already waiting "
-                                    "(--max-queue); retry later", code="queue_full", headers={"Retry-After": "1"})
+            if len(self.waiting) + self.reserved >= self.max_queue:
+                raise self._busy()
+            self.reserved += 1
+
+    def release(self) -> None:
+        with self.cond:
+            self.reserved -= 1
+
+    def submit(self, handle: Handle, reserved: bool = False) -> None:
+        """Queue a request; APIError 429 (with Retry-After) when --max-queue requests already wait
+        (reserved: it holds a slot from reserve(), which it now uses)."""
+        with self.cond:
+            if reserved:
+                self.reserved -= 1
+            elif len(self.waiting) + self.reserved >= self.max_queue:
+                raise self._busy()
             self.waiting.append(handle)
             self.metrics.queue_depth.set(len(self.waiting))
             self.cond.notify()
@@ -166,7 +192,8 @@ class Scheduler:
                 h.emit(("done", "cancelled"))
                 continue
             try:
-                sample, h.prompt_tokens = self.io.sample(h.job)
+                sample, h.prompt_tokens = h.prepared if h.prepared is not None else self.io.sample(h.job)
+                h.prepared = None  # the scheduler holds the sample from here on
             except APIError as e:
                 self._fail(h, e)
                 continue
@@ -220,8 +247,8 @@ class Scheduler:
             text = TextStream(self.io.tokenizer, h.job.sampling.stop) if self.io.tokenizer is not None else None
             rows.append(_Row(h, text, make_generator(h.job.sampling)))
         tokens = sample(logits, [r.handle.job.sampling for r in rows], [r.generator for r in rows])
-        for row, token in zip(rows, tokens.tolist()):
-            self._token(row, token)
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            self._token(row, token, self._logprob(row, logits[i], token))
         keep = [i for i, r in enumerate(rows) if not r.done]
         if not keep:
             return
@@ -242,14 +269,15 @@ class Scheduler:
         self.state = ensure_room(self.state, 1)
         self.metrics.step_batch.observe(len(self.rows))
         logits = self.engine.decode(self.state, self.next_tokens[:, None])
-        tokens = sample(logits, [r.handle.job.sampling for r in self.rows], [r.generator for r in self.rows])
-        for row, token in zip(self.rows, tokens.tolist()):
+        tokens = sample(logits, [r.handle.job.sampling for r in self.rows], [r.generator for r in self.rows],
+                        [r.tokens for r in self.rows])  # what each has generated: its penalties count them
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             if row.handle.cancelled.is_set():
                 row.done = True
                 row.handle.finish_reason = "cancelled"
                 row.handle.emit(("done", "cancelled"))
             else:
-                self._token(row, token)
+                self._token(row, token, self._logprob(row, logits[i], token))
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
             self.state = select_rows(self.state, keep)
@@ -260,7 +288,13 @@ class Scheduler:
             self.state = self.next_tokens = None
         self.metrics.batch_size.set(len(self.rows))
 
-    def _token(self, row: _Row, token: int) -> None:
+    @staticmethod
+    def _logprob(row: _Row, logits: torch.Tensor, token: int):
+        """The token's logprob entry (Handle) where the request asks for logprobs, else None."""
+        n = row.handle.job.logprobs
+        return None if n is None else logprobs(logits, token, n)
+
+    def _token(self, row: _Row, token: int, logprob=None) -> None:
         """One new token of a request: its text piece out, and whether it has finished."""
         h = row.handle
         now = time.monotonic()
@@ -280,7 +314,7 @@ class Scheduler:
         if reason is not None and row.text is not None:
             piece += row.text.finish()
             reason = "stop" if row.text.stopped else reason  # a stop string seen only in the final text
-        h.emit(("token", piece, token))
+        h.emit(("token", piece, token, logprob))
         if reason is not None:
             row.done = True
             h.finish_reason = reason
