@@ -8,6 +8,7 @@
     fastmmoe-compile run ENGINE --image F --prompt P      greedy answer of a VLM engine to images + a prompt
     fastmmoe-compile bench [--device cuda] [flags]        prefill latency and decode tokens/s, all methods side by side
     fastmmoe-compile serve ENGINE [--port 8000] [flags]   an OpenAI-compatible server (the serve extra)
+    fastmmoe-compile env [--json]                         versions, CPU (bf16 speed), GPUs, backends: for bug reports
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...). The commands are argparse subcommands; `compile` is implied when the
@@ -32,7 +33,7 @@ from .config import (
 from .errors import UserInputError
 from .lower.backends import backend_names
 
-SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve")
+SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve", "env")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
@@ -215,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)
     _add_serve_parser(sub)
+    p = sub.add_parser("env", help="versions, CPU and bf16 speed, GPUs, which backends run here (for bug reports)",
+                       description="Report this machine for a bug report: Python, torch (and its CUDA), "
+                                   "transformers and onnxruntime versions; the CPU, its capability and whether it "
+                                   "runs bf16 GEMMs natively (timed); GPUs; which backends can compile and run here, "
+                                   "and why not.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return top
 
 
@@ -291,7 +298,35 @@ def _sigterm_unwinds():
 _USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError, PermissionError)
 
 
+@contextlib.contextmanager
+def _warnings_on_one_line():
+    """The package's warnings meant for the user (runtime.cpu.SlowBf16Warning) as one stderr line,
+    "fastmmoe-compile: warning: ...", not Python's two (file:line, then the source line). Others as usual."""
+    import warnings
+
+    from .runtime.cpu import SlowBf16Warning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SlowBf16Warning):
+            print(f"fastmmoe-compile: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def _main(argv: list[str] | None) -> int:
+    with _warnings_on_one_line():
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     argv = _with_command(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -443,8 +478,18 @@ def _serve(args) -> int:
     return 0
 
 
+def _env(args) -> int:
+    import json
+
+    from .collect_env import collect, format_env
+
+    env = collect()
+    print(json.dumps(env, indent=2) if args.json else format_env(env))
+    return 0
+
+
 _COMMANDS = {"compile": _compile, "diff": _diff, "flops": _flops, "presets": _presets, "inspect": _inspect,
-             "run": _run, "bench": _bench, "serve": _serve}
+             "run": _run, "bench": _bench, "serve": _serve, "env": _env}
 
 
 if __name__ == "__main__":

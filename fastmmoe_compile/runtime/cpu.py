@@ -59,24 +59,25 @@ class Bf16Speed:
     source: str = "measured"
 
     @property
-    def slowdown(self) -> float:
-        """bf16 GEMM time over fp32's (>1: bf16 is slower): measured, else the expected one."""
+    def slowdown(self) -> float | None:
+        """bf16 GEMM time over fp32's (>1: bf16 is slower): measured; else EXPECTED_SLOWDOWN for a
+        slow-bf16 capability, None for a native one (nothing timed, nothing to warn about)."""
         if self.fp32_gflops and self.bf16_gflops:
             return self.fp32_gflops / self.bf16_gflops
-        return 1 / 6.0 if self.native else EXPECTED_SLOWDOWN
+        return None if self.native else EXPECTED_SLOWDOWN
 
     def describe(self) -> str:
-        """One clause: the capability and the bf16:fp32 GEMM speed, e.g. "AVX2, bf16 GEMMs 41x slower
-        than fp32 (measured 1.0 vs 42 GFLOP/s)"."""
+        """One clause, e.g. "this CPU (AVX2) has no native bf16 GEMMs (41x slower than fp32: measured 1.0
+        vs 42 GFLOP/s)", or "... (expected about 40x slower than fp32: FASTMMOE_CPU_CAPABILITY=AVX2)"."""
         if self.fp32_gflops and self.bf16_gflops:
-            how = f"measured {self.bf16_gflops:.1f} vs {self.fp32_gflops:.1f} GFLOP/s"
+            how = f"measured {self.bf16_gflops:.1f} vs {self.fp32_gflops:.1f} GFLOP/s on one thread"
         else:
             how = f"{ENV_OVERRIDE}={self.capability}"
         if self.native:
-            return f"{self.capability}, native bf16 GEMMs ({_times(1 / self.slowdown)} fp32's speed; {how})"
-        words = "expected about" if self.source != "measured" else ""
-        return (f"{self.capability}, no native bf16 GEMMs ({words + ' ' if words else ''}"
-                f"{_times(self.slowdown)} slower than fp32; {how})")
+            speed = f"{_times(1 / self.slowdown)} fp32's speed" if self.source == "measured" else "faster than fp32"
+            return f"this CPU ({self.capability}) has native bf16 GEMMs ({speed}: {how})"
+        expected = "" if self.source == "measured" else "expected about "
+        return f"this CPU ({self.capability}) has no native bf16 GEMMs ({expected}{_times(self.slowdown)} slower than fp32: {how})"
 
     def as_dict(self) -> dict:
         return {"capability": self.capability, "bf16_native": self.native, "fp32_gflops": _round(self.fp32_gflops),
@@ -181,9 +182,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def slow_bf16_message(what: str, speed: Bf16Speed | None = None) -> str:
-    """One line for a bf16 engine on a slow-bf16 CPU: `what` (e.g. "--dtype bfloat16 on this CPU"),
-    then the expected cost and what to do instead."""
+def slow_bf16_message(what: str, advice: str, speed: Bf16Speed | None = None) -> str:
+    """One line for a bf16 engine on a slow-bf16 CPU: `what` (e.g. "bfloat16 asked for"), this CPU's
+    verdict with the measured or expected bf16 slowdown (Bf16Speed.describe), then `advice`."""
     speed = speed or bf16_speed()
-    return (f"{what}: this CPU has no native bf16 GEMM kernels ({speed.describe()}); the engine's GEMMs will be "
-            f"about {_times(speed.slowdown)} slower than in float32 (compile with --dtype float32 for speed)")
+    return f"{what}, but {speed.describe()}; {advice}"
