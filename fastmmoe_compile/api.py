@@ -122,10 +122,14 @@ def choose_dtype(model_or_path, dtype: torch.dtype | None, device: str, backend:
     - cpu, a checkpoint: its stored dtype (models.loading.stored_dtype), except float32 where that
       is bfloat16 and this CPU has no native bf16 GEMMs (runtime.cpu.bf16_speed), and float32 for
       the onnx backend (float32 only). Unknown before loading (a hub id): the checkpoint's own.
-    Raises nothing of its own; the CPU probe takes up to ~1 s once per process."""
+    The CPU probe takes up to ~1 s, once per process. Raises runtime.cpu.CpuCapabilityError for a
+    malformed FASTMMOE_CPU_CAPABILITY (CPU targets)."""
     from .models.loading import stored_dtype
     from .models.presets import PRESETS
     from .runtime.cpu import SlowBf16Warning, bf16_speed, slow_bf16_message
+
+    if device == "cpu":
+        bf16_speed()  # a malformed FASTMMOE_CPU_CAPABILITY fails here, before any work; the timing is cached
 
     def slow_warning(what: str, advice: str) -> bool:
         if device == "cpu" and not bf16_speed().native:

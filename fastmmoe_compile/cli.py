@@ -173,7 +173,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the engine runs: cpu (default) or cuda (weights loaded straight to the GPU; "
                         "fails before any work without one)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: bfloat16 on cuda; on cpu the checkpoint's, float32 for random presets)")
+                   help="weights dtype (default: bfloat16 on cuda; on cpu the checkpoint's, but float32 for a bf16 "
+                        "checkpoint where this CPU has no native bf16 GEMMs (fastmmoe-compile env says), for "
+                        "--backend onnx and for random presets)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-decode", action="store_true",
                    help="prefill only: skip the decode program (faster compile; generate is then unavailable)")

@@ -211,3 +211,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_report_header(config):
+    """Which CPU the suite ran on, and its bf16 verdict (fastmmoe_compile/runtime/cpu.py): the bf16
+    tests' timings and the default dtype of CPU engines depend on it."""
+    from fastmmoe_compile.runtime.cpu import bf16_speed, cpu_model
+
+    return f"cpu: {cpu_model()}; {bf16_speed().describe()}"

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserInputError
+
 ENV_OVERRIDE = "FASTMMOE_CPU_CAPABILITY"
 NATIVE_BF16 = ("AMX_BF16", "AVX512_BF16", "ARM_BF16")  # capabilities with bf16 GEMM kernels
 # torch.backends.cpu.get_cpu_capability()'s values, then the bf16 ones this module adds.
@@ -38,6 +40,10 @@ FAST_RATIO = 1.0
 # GEMM time measured on an AVX2 AMD EPYC (issue 23: 1 against 42 GFLOP/s, one thread).
 EXPECTED_SLOWDOWN = 40.0
 _PROBE_N = 256  # the micro-GEMM's size: 34 MFLOP, ~20 ms in bf16 on an AVX2 CPU, under 1 ms with AMX
+
+
+class CpuCapabilityError(UserInputError):
+    """FASTMMOE_CPU_CAPABILITY set to something that is not one of CAPABILITIES (bad input: exit 2)."""
 
 
 class SlowBf16Warning(UserWarning):
@@ -73,11 +79,13 @@ class Bf16Speed:
             how = f"measured {self.bf16_gflops:.1f} vs {self.fp32_gflops:.1f} GFLOP/s on one thread"
         else:
             how = f"{ENV_OVERRIDE}={self.capability}"
+        # The flags and the timing disagree where oneDNN is held back (module docstring): say whose word it is.
+        cpu = self.capability + (" by its flags" if (self.capability in NATIVE_BF16) != self.native else "")
         if self.native:
             speed = f"{_times(1 / self.slowdown)} fp32's speed" if self.source == "measured" else "faster than fp32"
-            return f"this CPU ({self.capability}) has native bf16 GEMMs ({speed}: {how})"
+            return f"this CPU ({cpu}) has native bf16 GEMMs ({speed}: {how})"
         expected = "" if self.source == "measured" else "expected about "
-        return f"this CPU ({self.capability}) has no native bf16 GEMMs ({expected}{_times(self.slowdown)} slower than fp32: {how})"
+        return f"this CPU ({cpu}) has no native bf16 GEMMs ({expected}{_times(self.slowdown)} slower than fp32: {how})"
 
     def as_dict(self) -> dict:
         return {"capability": self.capability, "bf16_native": self.native, "fp32_gflops": _round(self.fp32_gflops),
@@ -98,18 +106,23 @@ def hardware_capability() -> str:
     what the silicon has, not what runs (see the module docstring)."""
     base = torch.backends.cpu.get_cpu_capability()
     flags = getattr(torch, "cpu", None)
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if platform.machine().lower() in ("x86_64", "amd64") and _onednn_bf16():  # False where oneDNN is capped below AVX-512
         if _flag(flags, "_is_amx_tile_supported") and _flag(flags, "_is_avx512_bf16_supported"):
             return "AMX_BF16"
         if _flag(flags, "_is_avx512_bf16_supported"):
             return "AVX512_BF16"
-    elif platform.machine().lower() in ("aarch64", "arm64"):
-        try:  # on Arm, torch's check is cpuinfo's bf16 extension flag
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return "ARM_BF16"
-        except (AttributeError, RuntimeError):
-            pass
+    elif platform.machine().lower() in ("aarch64", "arm64") and _onednn_bf16():  # on Arm: the BF16 extension
+        return "ARM_BF16"
     return base
+
+
+def _onednn_bf16() -> bool:
+    """torch's own "may oneDNN run bf16 here" check: on x86 AVX-512 (with or without BF16) within
+    ONEDNN_MAX_CPU_ISA, on Arm the BF16 extension."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _flag(module, name: str) -> bool:
@@ -159,13 +172,13 @@ def _measured() -> Bf16Speed:
 
 def bf16_speed() -> Bf16Speed:
     """This CPU's bf16 GEMM speed: FASTMMOE_CPU_CAPABILITY's where set (nothing timed), else a
-    micro-GEMM timed once per process (measure()). Raises ValueError for an override that is not
-    one of CAPABILITIES."""
+    micro-GEMM timed once per process (measure()). Raises CpuCapabilityError (a ValueError) for
+    an override that is not one of CAPABILITIES."""
     override = os.environ.get(ENV_OVERRIDE)
     if override:
         capability = override.strip().upper()
         if capability not in CAPABILITIES:
-            raise ValueError(f"{ENV_OVERRIDE}={override!r} is not one of {', '.join(CAPABILITIES)}")
+            raise CpuCapabilityError(f"{ENV_OVERRIDE}={override!r} is not one of {', '.join(CAPABILITIES)}")
         return Bf16Speed(capability, capability in NATIVE_BF16, source=ENV_OVERRIDE)
     return _measured()
 
