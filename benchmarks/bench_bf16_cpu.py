@@ -112,13 +112,15 @@ def main(argv=None) -> dict:
         xg, wg = torch.randn(pairs, h, dtype=d), torch.randn(e, h, 2 * i, dtype=d)
         gmm[str(d).replace("torch.", "")] = rate(lambda xg=xg, wg=wg: torch._grouped_mm(xg, wg, offs=offs),
                                                  2 * pairs * h * 2 * i)
-    result = {"args": vars(args), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+    result = {"args": vars(args), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "rows": rows,
               "matmul_gflops": mm, "grouped_mm_gflops": gmm}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\nbench-qwen3-moe ({layers} layers), {args.text} text + {args.vision} vision tokens, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps (medians), on {cpu['model']}: {speed.describe()}\n")
+          f"{torch.get_num_threads()} threads, {args.reps} reps (medians), on {cpu['model']}: "
+          f"{speed.describe()}\n")
     print("| variant | fp32 ms | bf16 ms | bf16 speedup | logits rel. err | same kept tokens |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['fp32_ms']:.0f} | {r['bf16_ms']:.0f} | {r['bf16_speedup']:.2f}x | "

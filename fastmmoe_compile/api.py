@@ -103,9 +103,11 @@ class DtypeChoice:
         if not speed.native:
             self.reason += f" (bfloat16, known only once loaded), although {speed.describe()}"
             warnings.warn(SlowBf16Warning(slow_bf16_message(
-                "the checkpoint is bfloat16 (known only once loaded)", "the engine runs its matmuls that much slower than a float32 one (--dtype float32)", speed)),
-                stacklevel=3)
+                "the checkpoint is bfloat16 (known only once loaded)", _SLOWER + " (--dtype float32)", speed)), stacklevel=3)
             self.warned = True
+
+
+_SLOWER = "the engine runs its matmuls that much slower than a float32 one"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -139,13 +141,13 @@ def choose_dtype(model_or_path, dtype: torch.dtype | None, device: str, backend:
 
     if dtype is not None:
         warned = dtype == torch.bfloat16 and slow_warning("bfloat16 asked for (compiled as asked)",
-                                                           "the engine runs its matmuls that much slower than a float32 one (omit --dtype for float32)")
+                                                           _SLOWER + " (omit --dtype for float32)")
         return DtypeChoice(dtype, f"{_name(dtype)} as asked (--dtype / dtype=)", warned)
     if isinstance(model_or_path, (torch.nn.Module, LoadedModel)):
         param = _first_parameter(model_or_path)
         own = param.dtype if param is not None else None
         warned = own == torch.bfloat16 and slow_warning("the model object is bfloat16 (compiled as it is)",
-                                                         "the engine runs its matmuls that much slower than a float32 one (model.float() first)")
+                                                         _SLOWER + " (model.float() first)")
         return DtypeChoice(None, f"the model object's own ({_name(own) if own else 'no parameters'})", warned)
     if DEFAULT_DTYPE[device] is not None:
         return DtypeChoice(DEFAULT_DTYPE[device], f"{_name(DEFAULT_DTYPE[device])}: the default on {device}")

@@ -62,13 +62,6 @@ def gpus() -> list[dict]:
     return out
 
 
-def _onnx_missing(packages: dict) -> str | None:
-    missing = [n for n in ("onnx", "onnxruntime", "onnxscript") if packages[n]["version"] is None]
-    if not missing:
-        return None
-    return f"{', '.join(missing)} not importable ({packages[missing[0]]['error']}): pip install 'fastmmoe-compile[onnx]'"
-
-
 def backends(packages: dict) -> dict:
     """{backend: {device: None where it can compile and run here, else why not (one clause)}} for
     every registered backend and device: the backend's own requirement first (an extra, a tool it
@@ -76,7 +69,7 @@ def backends(packages: dict) -> dict:
     cuda_why = cuda_missing_reason()
     out = {}
     for name, backend in BACKENDS.items():
-        needs = _requirement(name, backend, packages)
+        needs = _requirement(backend)
         row = {}
         for device in DEVICES:
             why = needs or backend.devices.get(device, f"does not target {device}")
@@ -90,10 +83,9 @@ def backends(packages: dict) -> dict:
     return out
 
 
-def _requirement(name: str, backend, packages: dict) -> str | None:
-    """Why `backend` cannot run here on any device (its require() failing), or None."""
-    if name == "onnx":
-        return _onnx_missing(packages)  # the same three imports as the backend's require(), named
+def _requirement(backend) -> str | None:
+    """Why `backend` cannot run here on any device (its require() failing: a missing extra, a
+    backend not built yet), or None."""
     try:
         backend.require()
     except Exception as e:  # BackendError and friends: their message is the reason
@@ -166,7 +158,8 @@ def format_env(env: dict) -> str:
     if not cuda["gpus"]:
         lines.append(f"  none: {cuda['reason'] or 'no device visible'}")
     for g in cuda["gpus"]:
-        lines.append(f"  cuda:{g['index']}        {g['name']}, {g['memory_gib']} GiB, compute capability {g['capability']}")
+        lines.append(f"  cuda:{g['index']}        {g['name']}, {g['memory_gib']} GiB, "
+                     f"compute capability {g['capability']}")
     lines.append("Backends (compile and run here)")
     for name, row in env["backends"].items():
         for device, why in row.items():

@@ -203,7 +203,8 @@ def test_env_without_onnxruntime(monkeypatch, capsys):
     assert env["backends"]["export"]["cpu"] is None  # the others still run
     assert main(["env"]) == 0
     text = capsys.readouterr().out
-    assert "onnxruntime   not importable" in text and "onnx / cpu         no: onnxruntime" in text
+    assert "onnxruntime   not importable" in text
+    assert "onnx / cpu         no: the onnx backend needs the onnx extra (onnxruntime is missing)" in text
 
 
 def test_env_with_cuda(monkeypatch, capsys):
@@ -214,7 +215,8 @@ def test_env_with_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2 ** 30, major=9, minor=0))
+                        lambda i: SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2 ** 30, major=9,
+                                                  minor=0))
     assert main(["env", "--json"]) == 0
     env = json.loads(capsys.readouterr().out)
     assert env["cuda"]["available"] and env["cuda"]["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"

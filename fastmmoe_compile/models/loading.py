@@ -131,7 +131,8 @@ def stored_dtype(path: str) -> torch.dtype | None:
         return None
     counts: dict = {}
     for key, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if key != "__metadata__" and isinstance(entry, dict) else None
+        floating = key != "__metadata__" and isinstance(entry, dict)
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if floating else None
         if dtype is not None:
             counts[dtype] = counts.get(dtype, 0) + 1
     return max(counts, key=counts.get) if counts else None

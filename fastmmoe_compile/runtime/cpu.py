@@ -85,7 +85,8 @@ class Bf16Speed:
             speed = f"{_times(1 / self.slowdown)} fp32's speed" if self.source == "measured" else "faster than fp32"
             return f"this CPU ({cpu}) has native bf16 GEMMs ({speed}: {how})"
         expected = "" if self.source == "measured" else "expected about "
-        return f"this CPU ({cpu}) has no native bf16 GEMMs ({expected}{_times(self.slowdown)} slower than fp32: {how})"
+        slower = f"{expected}{_times(self.slowdown)} slower than fp32"
+        return f"this CPU ({cpu}) has no native bf16 GEMMs ({slower}: {how})"
 
     def as_dict(self) -> dict:
         return {"capability": self.capability, "bf16_native": self.native, "fp32_gflops": _round(self.fp32_gflops),
