@@ -165,8 +165,8 @@ def choose_dtype(model_or_path, dtype: torch.dtype | None, device: str, backend:
         if not speed.native:
             return DtypeChoice(torch.float32, f"float32, not the checkpoint's bfloat16: {speed.describe()}; "
                                               "--dtype bfloat16 keeps bf16")
-        return DtypeChoice(stored, f"the checkpoint's bfloat16: {speed.describe()}")
-    return DtypeChoice(stored, f"the checkpoint's {_name(stored)}")
+        return DtypeChoice(None, f"the checkpoint's bfloat16: {speed.describe()}")
+    return DtypeChoice(None, f"the checkpoint's {_name(stored)}")  # None: loaded as before, as stored
 
 
 @contextlib.contextmanager
