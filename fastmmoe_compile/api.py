@@ -102,8 +102,9 @@ class DtypeChoice:
         speed = bf16_speed()
         if not speed.native:
             self.reason += f" (bfloat16, known only once loaded), although {speed.describe()}"
-            warnings.warn(SlowBf16Warning(slow_bf16_message(
-                "the checkpoint is bfloat16 (known only once loaded)", _SLOWER + " (--dtype float32)", speed)), stacklevel=3)
+            message = slow_bf16_message("the checkpoint is bfloat16 (known only once loaded)",
+                                        _SLOWER + " (--dtype float32)", speed)
+            warnings.warn(SlowBf16Warning(message), stacklevel=3)
             self.warned = True
 
 

@@ -4,15 +4,16 @@ and the bf16 benchmark.
 
 A bf16 GEMM on the CPU is fast only where oneDNN has bf16 kernels for it: AVX-512 BF16 or AMX
 (x86), the BF16 extension (Arm). Elsewhere it is emulated, and slower than fp32 by a factor of
-about 4 (AVX-512 without BF16) to 80 (AVX2): measured on the machines of README "Devices and dtypes".
+about 5 (AVX-512 without BF16) to 40 and more (AVX2): benchmarks/RESULTS.md, issue 23's section.
 
 The verdict is a micro-GEMM timed once per process (bf16_speed), not the CPU's feature flags:
 the flags say what the silicon has, not what runs. On an AMX machine with oneDNN capped to AVX2
 (ONEDNN_MAX_CPU_ISA=AVX2, as a container or a VM may do) the flags still say avx512_bf16 and amx
-while bf16 GEMMs run 80x slower than fp32; with oneDNN capped to AVX512_CORE torch still reports
-bf16 as supported (torch.ops.mkldnn._is_mkldnn_bf16_supported) while it runs at 0.26x fp32. The
-timing separates the cases by a wide margin (about 6x faster against 0.26x and 0.01x), so noise
-from other processes does not flip it. The flags only name the capability in messages.
+while bf16 GEMMs run over 100x slower than fp32; with oneDNN capped to AVX512_CORE torch still
+reports bf16 as supported (torch.ops.mkldnn._is_mkldnn_bf16_supported) while it runs at 0.2x fp32.
+The timing separates the cases by a wide margin (about 4x faster against 0.2x and under 0.01x), and
+one thread with the best of several calls keeps a busy neighbour from flipping it (10 of 10 probes
+right in each case at load 5-6 on 2 cores). The flags only name the capability in messages.
 
 FASTMMOE_CPU_CAPABILITY (tests, or a user who knows better) overrides it: one of CAPABILITIES;
 bf16 is then native exactly for NATIVE_BF16, and nothing is timed.
@@ -34,7 +35,7 @@ NATIVE_BF16 = ("AMX_BF16", "AVX512_BF16", "ARM_BF16")  # capabilities with bf16 
 # torch.backends.cpu.get_cpu_capability()'s values, then the bf16 ones this module adds.
 CAPABILITIES = ("DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "SVE256", *NATIVE_BF16)
 # bf16 at least this fraction of fp32's GEMM throughput counts as fast (the measured classes sit at
-# about 6x, 0.26x and 0.01x, far from it on both sides).
+# about 4x, 0.2x and under 0.01x, far from it on both sides).
 FAST_RATIO = 1.0
 # What a slow-bf16 CPU costs, for messages where nothing was timed (the override): bf16 over fp32
 # GEMM time measured on an AVX2 AMD EPYC (issue 23: 1 against 42 GFLOP/s, one thread).
@@ -73,8 +74,9 @@ class Bf16Speed:
         return None if self.native else EXPECTED_SLOWDOWN
 
     def describe(self) -> str:
-        """One clause, e.g. "this CPU (AVX2) has no native bf16 GEMMs (41x slower than fp32: measured 1.0
-        vs 42 GFLOP/s)", or "... (expected about 40x slower than fp32: FASTMMOE_CPU_CAPABILITY=AVX2)"."""
+        """One clause, e.g. "this CPU (AVX2) has no native bf16 GEMMs (42x slower than fp32: measured 1.0
+        vs 42.0 GFLOP/s on one thread)", or "... (expected about 40x slower than fp32:
+        FASTMMOE_CPU_CAPABILITY=AVX2)"."""
         if self.fp32_gflops and self.bf16_gflops:
             how = f"measured {self.bf16_gflops:.1f} vs {self.fp32_gflops:.1f} GFLOP/s on one thread"
         else:
@@ -107,7 +109,8 @@ def hardware_capability() -> str:
     what the silicon has, not what runs (see the module docstring)."""
     base = torch.backends.cpu.get_cpu_capability()
     flags = getattr(torch, "cpu", None)
-    if platform.machine().lower() in ("x86_64", "amd64") and _onednn_bf16():  # False where oneDNN is capped below AVX-512
+    # _onednn_bf16() is False where oneDNN is capped below AVX-512: no bf16 kernel runs then, whatever the flags.
+    if platform.machine().lower() in ("x86_64", "amd64") and _onednn_bf16():
         if _flag(flags, "_is_amx_tile_supported") and _flag(flags, "_is_avx512_bf16_supported"):
             return "AMX_BF16"
         if _flag(flags, "_is_avx512_bf16_supported"):
@@ -153,8 +156,9 @@ def _gflops(dtype: torch.dtype, min_reps: int = 5, min_s: float = 0.02) -> float
 
 def measure() -> Bf16Speed:
     """Time fp32 and bf16 micro-GEMMs now, on one thread (a kernel's speed per core: with several
-    threads on shared cores one descheduled thread decides the time). About 0.1 s on a slow-bf16
-    CPU, 0.05 s elsewhere; no caching, no override (bf16_speed() has both)."""
+    threads on shared cores one descheduled thread decides the time). Up to 0.1 s where bf16 is
+    native, up to 0.7 s where it is not (measured at load 5-6 on 2 cores); no caching, no override
+    (bf16_speed() has both)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
