@@ -128,7 +128,28 @@ def test_asking_for_bf16_on_a_slow_cpu_warns_once_and_is_honoured(cpu):
         assert choose_dtype("tiny-qwen3-moe", None, "cpu").dtype is None  # presets: float32 random weights
 
 
+def test_an_in_memory_bf16_model_is_compiled_as_it_is_with_a_warning(cpu):
+    cpu(SLOW)
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)  # choose_dtype reads only its parameters' dtype
+    with pytest.warns(SlowBf16Warning, match="the model object is bfloat16"):
+        choice = choose_dtype(model, None, "cpu")
+    assert choice.dtype is None and choice.reason == "the model object's own (bfloat16)"
+
+
 # --- end to end: the CLI and load --------------------------------------------------------------
+
+def test_a_checkpoint_found_bf16_only_once_loaded_warns_then(cpu, bf16_checkpoint, tmp_path, monkeypatch):
+    """A hub id's dtype is not read before loading (stored_dtype None): the warning comes once it is known."""
+    import fastmmoe_compile.models.loading as loading
+
+    cpu(SLOW)
+    monkeypatch.setattr(loading, "stored_dtype", lambda path: None)
+    with pytest.warns(SlowBf16Warning, match="known only once loaded") as caught:
+        engine = compile_model(str(bf16_checkpoint), out=tmp_path / "e", backend="export", decode=False, quiet=True)
+    assert len([w for w in caught if issubclass(w.category, SlowBf16Warning)]) == 1
+    assert engine.dtype == torch.bfloat16
+    assert "known only once loaded" in _manifest(tmp_path / "e")["dtype_reason"]
+
 
 def test_cli_dtype_bfloat16_on_a_slow_cpu_warns_in_one_line(cpu, tmp_path, capsys):
     cpu(SLOW)
