@@ -9,7 +9,9 @@ backend) and, with --compile, through torch.compile. Prefill calls are interleav
 every rep). Also times a 1024^3 matmul and the expert grouped GEMM (torch._grouped_mm) in each
 dtype, to explain the ratio: bf16 pays where the time is in matmuls that have an AVX512-BF16
 kernel (oneDNN), not in the memory-bound or fp32-upcast parts (softmax, norms, routing, merge).
-Writes benchmarks/results/bf16_cpu/results.json.
+The CPU decides the sign: results.json's "cpu" and the first printed line say which capability it
+ran on and whether its bf16 GEMMs are native (fastmmoe_compile/runtime/cpu.py, the same verdict
+that picks a CPU engine's default dtype). Writes benchmarks/results/bf16_cpu/results.json.
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from fastmmoe_compile.runtime.cpu import bf16_speed, cpu_model
+
+    speed = bf16_speed()
+    cpu = {"model": cpu_model(), **speed.as_dict()}
+    print(f"[bf16] {cpu['model']}: {speed.describe()}", file=sys.stderr, flush=True)
 
     fp32 = build_preset(PRESETS["bench-qwen3-moe"], torch.float32, args.layers, torch.device("cpu"))
     bf16 = copy.deepcopy(fp32)
@@ -105,13 +112,15 @@ def main(argv=None) -> dict:
         xg, wg = torch.randn(pairs, h, dtype=d), torch.randn(e, h, 2 * i, dtype=d)
         gmm[str(d).replace("torch.", "")] = rate(lambda xg=xg, wg=wg: torch._grouped_mm(xg, wg, offs=offs),
                                                  2 * pairs * h * 2 * i)
-    result = {"args": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+    result = {"args": vars(args), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "rows": rows,
               "matmul_gflops": mm, "grouped_mm_gflops": gmm}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\nbench-qwen3-moe ({layers} layers), {args.text} text + {args.vision} vision tokens, "
-          f"{torch.get_num_threads()} threads, {args.reps} reps (medians)\n")
+          f"{torch.get_num_threads()} threads, {args.reps} reps (medians), on {cpu['model']}: "
+          f"{speed.describe()}\n")
     print("| variant | fp32 ms | bf16 ms | bf16 speedup | logits rel. err | same kept tokens |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['fp32_ms']:.0f} | {r['bf16_ms']:.0f} | {r['bf16_speedup']:.2f}x | "

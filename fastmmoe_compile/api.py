@@ -6,6 +6,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from . import __version__
 from .config import FastMMoEConfig, FastVConfig, SparseVLMConfig
 from .errors import ShapeOnlyModelError
 from .export import export_backbone
-from .lower.backends import Backend, BackendError, get_backend, vision_backend
+from .lower.backends import BACKENDS, Backend, BackendError, get_backend, vision_backend
 from .lower.weights import WEIGHTS_FILE, SharedWeights
 from .models import LoadedModel, load_model
 from .models.registry import check_model_name
@@ -94,13 +96,15 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
     without, return an engine compiled in this process with torch.compile.
     decode=True also compiles the one-token decode step, for generate.
     device: "cpu" or "cuda" (None: an in-memory model's own device, else the CPU); the engine runs
-    there and the manifest records it. dtype None: bfloat16 on cuda, the checkpoint's on the CPU
-    (float32 for random presets). runtime.device.DeviceError, before any work, for a device this
-    machine lacks or one the backend cannot target."""
+    there and the manifest records it. dtype None: bfloat16 on cuda; on the CPU the checkpoint's,
+    except that a bfloat16 checkpoint becomes float32 where this CPU has no native bf16 GEMMs
+    (runtime/cpu.py), and float32 for the onnx backend and for random presets (choose_dtype).
+    The choice and its reason go into the manifest ("dtype", "dtype_reason") and one progress
+    line; a bfloat16 engine for a slow-bf16 CPU (asked for, or an in-memory bf16 model) is
+    compiled as asked, with a runtime.cpu.SlowBf16Warning. runtime.device.DeviceError, before any
+    work, for a device this machine lacks or one the backend cannot target."""
     backend = get_backend(backend)  # an unknown name, or one that cannot run here: before the minutes of export
     device = target_device(model_or_path, device, backend.name)
-    if dtype is None and not isinstance(model_or_path, (torch.nn.Module, LoadedModel)):
-        dtype = DEFAULT_DTYPE[device]
     # Say what is wrong before the minutes of loading and exporting: a mistyped model name, an
     # --out that exists and is no engine, or one that cannot be written.
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -112,8 +116,95 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
         # Its token counts are unbacked sizes in the graph (ops.merge_tokens); the ONNX export of that
         # graph did not finish in 15 minutes on a tiny model, so it is refused rather than left to hang.
         raise BackendError("--authors-compat is not supported by --backend onnx; use --backend inductor or export")
+    choice = choose_dtype(model_or_path, dtype, device, backend.name)  # warns here, before the minutes of work
     with _users_model_kept(model_or_path):
-        return _compile(model_or_path, config, out, backend, dtype, overwrite, quiet, decode, device)
+        return _compile(model_or_path, config, out, backend, choice, overwrite, quiet, decode, device)
+
+
+@dataclass
+class DtypeChoice:
+    """The engine's weights dtype and why. dtype None: the checkpoint's own (from_pretrained's
+    "auto"), known once loaded (settle()). warned: a SlowBf16Warning was given already."""
+    dtype: torch.dtype | None
+    reason: str
+    warned: bool = False
+
+    def settle(self, loaded_dtype: torch.dtype, device: str) -> None:
+        """After loading: a bfloat16 checkpoint whose dtype could not be read beforehand (a hub id)
+        and now targets a slow-bf16 CPU gets its warning and the reason says so."""
+        if self.warned or device != "cpu" or loaded_dtype != torch.bfloat16:
+            return
+        from .runtime.cpu import SlowBf16Warning, bf16_speed, slow_bf16_message
+
+        speed = bf16_speed()
+        if not speed.native:
+            self.reason += f" (bfloat16, known only once loaded), although {speed.describe()}"
+            message = slow_bf16_message("the checkpoint is bfloat16 (known only once loaded)",
+                                        _SLOWER + " (--dtype float32)", speed)
+            warnings.warn(SlowBf16Warning(message), stacklevel=3)
+            self.warned = True
+
+
+_SLOWER = "the engine runs its matmuls that much slower than a float32 one"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def choose_dtype(model_or_path, dtype: torch.dtype | None, device: str, backend: str = "inductor") -> DtypeChoice:
+    """The weights dtype compile_model loads `model_or_path` in for `device`, with its reason (one
+    clause, for the manifest and the progress line):
+    - dtype given: that one; bfloat16 on a CPU without native bf16 GEMMs warns (SlowBf16Warning, one line).
+    - an in-memory model: its own (the compiler does not convert the user's object); warns likewise.
+    - cuda: bfloat16 (runtime.device.DEFAULT_DTYPE).
+    - cpu, a preset: float32 (random weights).
+    - cpu, a checkpoint: its stored dtype (models.loading.stored_dtype), except float32 where that
+      is bfloat16 and this CPU has no native bf16 GEMMs (runtime.cpu.bf16_speed), and float32 for
+      the onnx backend (float32 only). Unknown before loading (a hub id): the checkpoint's own.
+    The CPU probe takes up to ~1 s, once per process. Raises runtime.cpu.CpuCapabilityError for a
+    malformed FASTMMOE_CPU_CAPABILITY (CPU targets)."""
+    from .models.loading import stored_dtype
+    from .models.presets import PRESETS
+    from .runtime.cpu import SlowBf16Warning, bf16_speed, slow_bf16_message
+
+    if device == "cpu":
+        bf16_speed()  # a malformed FASTMMOE_CPU_CAPABILITY fails here, before any work; the timing is cached
+
+    def slow_warning(what: str, advice: str) -> bool:
+        if device == "cpu" and not bf16_speed().native:
+            warnings.warn(SlowBf16Warning(slow_bf16_message(what, advice)), stacklevel=3)
+            return True
+        return False
+
+    if dtype is not None:
+        warned = dtype == torch.bfloat16 and slow_warning("bfloat16 asked for (compiled as asked)",
+                                                           _SLOWER + " (omit --dtype for float32)")
+        return DtypeChoice(dtype, f"{_name(dtype)} as asked (--dtype / dtype=)", warned)
+    if isinstance(model_or_path, (torch.nn.Module, LoadedModel)):
+        param = _first_parameter(model_or_path)
+        own = param.dtype if param is not None else None
+        warned = own == torch.bfloat16 and slow_warning("the model object is bfloat16 (compiled as it is)",
+                                                         _SLOWER + " (model.float() first)")
+        return DtypeChoice(None, f"the model object's own ({_name(own) if own else 'no parameters'})", warned)
+    if DEFAULT_DTYPE[device] is not None:
+        return DtypeChoice(DEFAULT_DTYPE[device], f"{_name(DEFAULT_DTYPE[device])}: the default on {device}")
+    name = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+    if name in PRESETS:
+        return DtypeChoice(None, "the preset's random weights (float32 on the CPU)")
+    stored = stored_dtype(name) if name is not None else None
+    if stored is None:
+        return DtypeChoice(None, "the checkpoint's own")
+    if backend == "onnx" and stored != torch.float32:
+        return DtypeChoice(torch.float32, f"float32, not the checkpoint's {_name(stored)}: the onnx backend runs "
+                                          "float32 only")
+    if stored == torch.bfloat16:
+        speed = bf16_speed()
+        if not speed.native:
+            return DtypeChoice(torch.float32, f"float32, not the checkpoint's bfloat16: {speed.describe()}; "
+                                              "--dtype bfloat16 keeps bf16")
+        return DtypeChoice(None, f"the checkpoint's bfloat16: {speed.describe()}")
+    return DtypeChoice(None, f"the checkpoint's {_name(stored)}")  # None: loaded as before, as stored
 
 
 @contextlib.contextmanager
@@ -136,9 +227,9 @@ def target_device(model_or_path, device, backend: str = "inductor") -> str:
         param = _first_parameter(model_or_path)
         device = "cpu" if param is None or param.device.type == "meta" else param.device
     name = require_device(device)
-    if name == "cuda" and backend == "onnx":
-        raise DeviceError("--backend onnx runs on the CPU (onnxruntime; onnxruntime-gpu is not supported): "
-                          "use --backend inductor or export for --device cuda")
+    why_not = BACKENDS[backend].devices.get(name, f"does not target {name}") if backend in BACKENDS else None
+    if why_not is not None:
+        raise DeviceError(f"--backend {backend} {why_not}")
     return name
 
 
@@ -149,15 +240,20 @@ def _first_parameter(model_or_path):
     return None
 
 
-def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, quiet, decode, device="cpu") -> Engine:
-    loaded, program, record = rewrite(model_or_path, config, dtype=dtype, quiet=quiet, cache=decode, device=device)
+def _compile(model_or_path, config, out, backend: Backend, choice: DtypeChoice, overwrite, quiet, decode,
+             device="cpu") -> Engine:
+    loaded, program, record = rewrite(model_or_path, config, dtype=choice.dtype, quiet=quiet, cache=decode,
+                                      device=device)
     if loaded.on_meta:
         raise ShapeOnlyModelError(f"{loaded.source} is a shape-only model on the meta device (no weights): it can be "
                          "exported, rewritten, diffed and FLOPs-counted, not compiled into an engine")
+    choice.settle(next(loaded.lm.parameters()).dtype, device)
+    if not quiet:
+        print(f"[fastmmoe] dtype {loaded.describe()['dtype']}: {choice.reason}", file=sys.stderr, flush=True)
     # The token-embedding table stays on the host (runtime/device.py): prompts are embedded there.
     table = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     if out is None:
-        return _in_process(loaded, program, backend, config, record, table.cpu(), quiet, decode, device)
+        return _in_process(loaded, program, backend, config, record, table.cpu(), quiet, decode, device, choice)
     weights = SharedWeights()  # every program's tensors, written once below
     with atomic_directory(out, overwrite=overwrite) as tmp:
         programs = {"backbone": _write_program(program, backend, tmp, "backbone", quiet, weights)}
@@ -169,11 +265,15 @@ def _compile(model_or_path, config, out, backend: Backend, dtype, overwrite, qui
         with step("write engine", quiet):
             files = _write_weights(tmp, weights, table)
             (tmp / "graph_diff.txt").write_text(record.graph_diff)
-            manifest = _manifest(loaded, config, record, backend.name, programs, device)
+            manifest = _manifest(loaded, config, record, backend.name, programs, device, choice)
             write_manifest(tmp, {**manifest, **files})
     if not quiet:
         print(f"[fastmmoe] engine written to {out}", file=sys.stderr)
-    return load_engine(out)
+    from .runtime.cpu import SlowBf16Warning
+
+    with warnings.catch_warnings():  # choose_dtype gave the slow-bf16 warning already
+        warnings.simplefilter("ignore", SlowBf16Warning)
+        return load_engine(out)
 
 
 def _write_weights(tmp: Path, weights: SharedWeights, table: torch.Tensor) -> dict:
@@ -193,7 +293,8 @@ def _write_weights(tmp: Path, weights: SharedWeights, table: torch.Tensor) -> di
     return {"embeddings": {"file": WEIGHTS_FILE, "tensor": key}, "weights": {"file": WEIGHTS_FILE}}
 
 
-def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode, device="cpu") -> Engine:
+def _in_process(loaded, program, backend: Backend, config, record, embeddings, quiet, decode, device="cpu",
+                choice: DtypeChoice | None = None) -> Engine:
     """An engine whose programs are built in this process by `backend` (torch.compile, ONNX Runtime, eager)."""
     with step(f"lower ({backend.in_process_label})", quiet):
         fn = on_device(backend.in_process(program, "backbone"), device)
@@ -208,7 +309,7 @@ def _in_process(loaded, program, backend: Backend, config, record, embeddings, q
         v = loaded.vision
         front_end = FrontEnd(v.family, v.describe(), encoder, v.tokenizer, v.image_processor)
     step_fn = on_device(backend.in_process(_export_decode(loaded, quiet), "decode") if decode else None, device)
-    manifest = _manifest(loaded, config, record, backend.name, None, device)
+    manifest = _manifest(loaded, config, record, backend.name, None, device, choice)
     return Engine(lambda *a: tuple(fn(*a)), loaded.describe(), embeddings, manifest,
                   front_end=front_end, decode_step=step_fn)
 
@@ -259,16 +360,25 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool,
 
 
 def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | SparseVLMConfig, record: PassRecord, backend: str,
-              programs: dict | None, device: str) -> dict:
-    """What load_engine reads: backend, each role's program file, device and dtype, the model's facts."""
+              programs: dict | None, device: str, choice: DtypeChoice | None = None) -> dict:
+    """What load_engine reads: backend, each role's program file, device and dtype, the model's
+    facts; also why that dtype ("dtype_reason") and, for a CPU engine, the compiling CPU's bf16
+    facts ("cpu": runtime.cpu.Bf16Speed.as_dict() and its model name)."""
     import transformers
 
     info = loaded.describe()
+    cpu = {}
+    if device == "cpu":
+        from .runtime.cpu import bf16_speed, cpu_model
+
+        cpu = {"cpu": {"model": cpu_model(), **bf16_speed().as_dict()}}
     return {
         "backend": backend,
         **({"programs": programs} if programs is not None else {}),
         "device": device,
         "dtype": info["dtype"],
+        **({"dtype_reason": choice.reason} if choice is not None else {}),
+        **cpu,
         "model": info,
         "config": config.to_dict(),
         "passes": record.passes,
@@ -283,5 +393,5 @@ def describe_engine(path) -> str:
 
     m = read_manifest(path, verify_hashes=False)
     check_integrity(path, m)  # inspect shows nothing the engine would not run
-    keys = ("backend", "device", "dtype", "programs", "model", "vision", "config", "versions")
+    keys = ("backend", "device", "dtype", "dtype_reason", "cpu", "programs", "model", "vision", "config", "versions")
     return json.dumps({k: m[k] for k in keys if k in m}, indent=2)

@@ -8,6 +8,7 @@
     fastmmoe-compile run ENGINE --image F --prompt P      greedy answer of a VLM engine to images + a prompt
     fastmmoe-compile bench [--device cuda] [flags]        prefill latency and decode tokens/s, all methods side by side
     fastmmoe-compile serve ENGINE [--port 8000] [flags]   an OpenAI-compatible server (the serve extra)
+    fastmmoe-compile env [--json]                         versions, CPU (bf16 speed), GPUs, backends: for bug reports
 
 Every FastMMoEConfig field is a flag of the same name with dashes (--keep-ratio,
 --merge-layers 5,8,12, ...). The commands are argparse subcommands; `compile` is implied when the
@@ -34,7 +35,7 @@ from .config import (
 from .errors import UserInputError
 from .lower.backends import backend_names
 
-SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve")
+SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve", "env")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
@@ -189,7 +190,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the engine runs: cpu (default) or cuda (weights loaded straight to the GPU; "
                         "fails before any work without one)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: bfloat16 on cuda; on cpu the checkpoint's, float32 for random presets)")
+                   help="weights dtype (default: bfloat16 on cuda; on cpu the checkpoint's, but float32 for a bf16 "
+                        "checkpoint where this CPU has no native bf16 GEMMs (fastmmoe-compile env says), for "
+                        "--backend onnx and for random presets)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
     p.add_argument("--no-decode", action="store_true",
                    help="prefill only: skip the decode program (faster compile; generate is then unavailable)")
@@ -232,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)
     _add_serve_parser(sub)
+    p = sub.add_parser("env", help="versions, CPU and bf16 speed, GPUs, which backends run here (for bug reports)",
+                       description="Report this machine for a bug report: Python, torch (and its CUDA), "
+                                   "transformers and onnxruntime versions; the CPU, its capability and whether it "
+                                   "runs bf16 GEMMs natively (timed); GPUs; which backends can compile and run here, "
+                                   "and why not.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return top
 
 
@@ -319,7 +328,35 @@ def _sigterm_unwinds():
 _USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError, PermissionError)
 
 
+@contextlib.contextmanager
+def _warnings_on_one_line():
+    """The package's warnings meant for the user (runtime.cpu.SlowBf16Warning) as one stderr line,
+    "fastmmoe-compile: warning: ...", not Python's two (file:line, then the source line). Others as usual."""
+    import warnings
+
+    from .runtime.cpu import SlowBf16Warning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SlowBf16Warning):
+            print(f"fastmmoe-compile: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def _main(argv: list[str] | None) -> int:
+    with _warnings_on_one_line():
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     argv = _with_command(list(sys.argv[1:] if argv is None else argv))
     parser = _parser()
     if argv and argv[0] in SUBCOMMANDS:  # an unknown flag is the top parser's complaint: point at the command's -h
@@ -487,8 +524,18 @@ def _serve(args) -> int:
     return 0
 
 
+def _env(args) -> int:
+    import json
+
+    from .collect_env import collect, format_env
+
+    env = collect()
+    print(json.dumps(env, indent=2) if args.json else format_env(env))
+    return 0
+
+
 _COMMANDS = {"compile": _compile, "diff": _diff, "flops": _flops, "presets": _presets, "inspect": _inspect,
-             "run": _run, "bench": _bench, "serve": _serve}
+             "run": _run, "bench": _bench, "serve": _serve, "env": _env}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ FILE_SECONDS = {
     "test_serve.py": 66,
     "test_flops.py": 64,
     "test_bf16.py": 61,
+    "test_cpu_dtype.py": 60,  # est.: timed alone (-n 0, load ~5): four tiny export-backend engines
     "test_meta.py": 60,
     "test_glm4v_moe.py": 58,
     "test_input_specs.py": 56,
@@ -211,3 +212,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which CPU the run was on, and its bf16 verdict (fastmmoe_compile/runtime/cpu.py), at the end of
+    every run (-q included): the bf16 tests' timings and CPU engines' default dtype depend on it."""
+    from fastmmoe_compile.runtime.cpu import bf16_speed, cpu_model
+
+    try:
+        verdict = bf16_speed().describe()
+    except ValueError as e:  # a malformed FASTMMOE_CPU_CAPABILITY
+        verdict = str(e)
+    terminalreporter.write_line(f"cpu: {cpu_model()}; {verdict}")

@@ -8,6 +8,7 @@ vision encoder). A program's file is `<role><suffix>`, e.g. backbone.pt2, decode
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class Backend:
     # write() stores the weights in an external-data file shared by the engine's programs (ONNX),
     # and takes the SharedWeights that holds it as a fourth argument.
     external_data: bool = False
+    # The devices it compiles for: {device: None where it can, else why not (one clause after
+    # "--backend NAME", e.g. "runs on the CPU ...")}.
+    devices: dict = dataclasses.field(default_factory=lambda: {"cpu": None, "cuda": None})
 
     def file(self, role: str) -> str:
         return role + self.suffix
@@ -149,5 +153,7 @@ register(Backend("inductor", ".pt2", _aoti_write, _compiled, lowering="AOTInduct
                  in_process_label="torch.compile", shared_weights=True))
 register(Backend("export", ".pt2", _export_write, _eager, shared_weights=True))
 register(Backend("onnx", ".onnx", _onnx_write, _onnx_in_process, lowering="torch.onnx.export",
-                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export", external_data=True))  # no ONNX vision encoder yet
+                 in_process_label="ONNX Runtime", require=_onnx_required, vision="export", external_data=True,
+                 devices={"cpu": None, "cuda": "runs on the CPU (onnxruntime; onnxruntime-gpu is not supported): "
+                                               "use --backend inductor or export for --device cuda"}))  # no ONNX vision encoder yet
 register(Backend("tensorrt", ".plan", _export_write, _eager, require=_tensorrt_required))  # a name, refused

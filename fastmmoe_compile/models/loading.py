@@ -96,3 +96,43 @@ def materialize_buffers(module: torch.nn.Module, dtype: torch.dtype | None, devi
 def still_on_meta(module: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers the checkpoint left unset (still on meta)."""
     return [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.device.type == "meta"]
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The floating dtype a local checkpoint directory loads in by default (what from_pretrained's
+    dtype="auto" gives): config.json's "dtype" (or the older "torch_dtype"), else the dtype of most
+    floating tensors in its first *.safetensors file's header. None where neither says (a hub id, a
+    .bin-only checkpoint, an unreadable file): the caller then keeps the loader's own default.
+    Reads only config.json and one header (a few KiB), no tensor."""
+    import json
+    import struct
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        with open(files[0], "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(size, 100 * 2 ** 20)))  # a header is KiBs; never read a whole file
+    except (OSError, ValueError, struct.error):
+        return None
+    counts: dict = {}
+    for key, entry in header.items():
+        floating = key != "__metadata__" and isinstance(entry, dict)
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if floating else None
+        if dtype is not None:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else None

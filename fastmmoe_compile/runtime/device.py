@@ -19,7 +19,9 @@ from torch.utils._pytree import tree_map
 from ..errors import UserInputError
 
 DEVICES = ("cpu", "cuda")
-DEFAULT_DTYPE = {"cpu": None, "cuda": torch.bfloat16}  # None: the checkpoint's own (fp32 for random presets)
+# None: decided per checkpoint and CPU (api.choose_dtype: the checkpoint's own, float32 where a bf16
+# checkpoint meets a CPU without native bf16 GEMMs, runtime/cpu.py).
+DEFAULT_DTYPE = {"cpu": None, "cuda": torch.bfloat16}
 
 
 class DeviceError(UserInputError):

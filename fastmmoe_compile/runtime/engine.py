@@ -9,6 +9,7 @@ in check_manifest, each with one error that says what to fix.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -197,6 +198,8 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
     manifest = read_manifest(path, verify_hashes=verify_hashes)
     check_manifest(path, manifest)
     device = engine_device(path, manifest.get("device"), device)  # before loading any program
+    if device == "cpu" and manifest["model"]["dtype"] == "bfloat16":
+        _warn_if_slow_bf16(path, manifest)
     programs = manifest["programs"]
     weights = load_weights(path, manifest, device)  # once, shared by every program
     embeddings = None
@@ -211,6 +214,30 @@ def load_engine(path: str | os.PathLike, verify_hashes: bool = True, device: str
     check_integrity(path, manifest)
     return Engine(_as_tuple(on_device(backbone, device)), manifest["model"], embeddings,
                   manifest, path, front_end=front_end, decode_step=on_device(decode, device))
+
+
+_WARNED_SLOW_BF16: set[str] = set()  # engine dirs warned about in this process
+
+
+def _warn_if_slow_bf16(path: Path, manifest: dict) -> None:
+    """A runtime.cpu.SlowBf16Warning (one line), once per engine directory and process, where a
+    bfloat16 CPU engine is loaded on a CPU without native bf16 GEMMs, e.g. one compiled on an AMX
+    machine and run on an AVX2 one. (Own bookkeeping: Python's once-per-location registry is reset
+    by any warnings.catch_warnings(), which torch and this package use while loading.)"""
+    from .cpu import SlowBf16Warning, bf16_speed, slow_bf16_message
+
+    speed = bf16_speed()
+    key = str(path.resolve())
+    if speed.native or key in _WARNED_SLOW_BF16:
+        return
+    _WARNED_SLOW_BF16.add(key)
+    compiled_on = manifest.get("cpu") if isinstance(manifest.get("cpu"), dict) else {}
+    where = f" (compiled on CPU capability {compiled_on['capability']})" \
+        if isinstance(compiled_on.get("capability"), str) else ""
+    warnings.warn(SlowBf16Warning(slow_bf16_message(
+        f"{path} is a bfloat16 engine{where}",
+        "it runs its matmuls that much slower than a float32 engine (recompile with --dtype float32)", speed)),
+        stacklevel=3)
 
 
 def _field_error(path: Path, field: str, value, expected: str) -> EngineFormatError:
