@@ -311,16 +311,38 @@ class _Terminated(BaseException):
 @contextlib.contextmanager
 def _sigterm_unwinds():
     """Python's default SIGTERM kills the process on the spot, leaving the partial engine dir."""
+    terminated = False
+
     def stop(signum, frame):
+        nonlocal terminated
+        terminated = True
+        # A signal that lands in a destructor (a __del__ the garbage collector runs then) has its
+        # exception printed and swallowed: SIGALRM raises it again until the compile unwinds.
+        signal.setitimer(signal.ITIMER_REAL, 0.25)
         raise _Terminated()
 
+    def again(signum, frame):
+        if terminated and not isinstance(sys.exc_info()[1], _Terminated):  # not while it unwinds (cleanup)
+            signal.setitimer(signal.ITIMER_REAL, 0.25)
+            raise _Terminated()
+
+    def unraisable(info, hook=sys.unraisablehook):
+        if info.exc_type is not _Terminated:  # the swallowed one is raised again: no "Exception ignored" noise
+            hook(info)
+
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    old = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    old = (signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGALRM, again), sys.unraisablehook) \
+        if main_thread else None
+    if main_thread:
+        sys.unraisablehook = unraisable
     try:
         yield
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, old)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGTERM, old[0])
+            signal.signal(signal.SIGALRM, old[1])
+            sys.unraisablehook = old[2]
 
 
 # Bad input: the package's UserInputError classes (errors.py: what the user typed, or the model and
