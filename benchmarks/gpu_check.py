@@ -413,7 +413,9 @@ def targets(rows: list[dict]) -> dict:
 def table(b: dict, title: str) -> list[str]:
     """Whatever `b` holds so far (a part that failed early has only some of it)."""
     if "model" in b:
-        lines = [f"{title}: {b['model']['source']} ({b['layers']} layers), {b['vision']} vision + {b['text']} text "
+        source = b["model"]["source"]
+        source += "" if "layers)" in source else f" ({b['layers']} layers)"
+        lines = [f"{title}: {source}, {b['vision']} vision + {b['text']} text "
                  f"tokens, {b['dtype']}" + (f"; {b['dtype']} matmul {b['matmul_n']}^3: {b['matmul_tflops']:.1f} "
                                             "TFLOP/s" if "matmul_tflops" in b else ""), ""]
     else:
