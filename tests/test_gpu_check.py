@@ -95,3 +95,15 @@ def test_gpu_check_refuses_unknown_parts_and_variants():
         with pytest.raises(SystemExit) as e:
             gc.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_plan_times_each_tracing_step_at_the_real_shape(tmp_path):
+    """--plan: the 30B backbone shape (here 3 of its 48 layers) with fake bf16 weights: one export, each
+    variant's passes on a copy, the decode export, each timed."""
+    gc = _gpu_check_module()
+    assert gc.main(["--plan", "--layers", "3", "--variants", "unmodified,topkv", "--out-dir", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "gpu_check_plan.json").read_text())
+    assert plan["layers"] == 3 and plan["variants"] == ["unmodified", "topkv"]
+    assert set(plan["seconds"]) == {"build (fake weights)", "export", "passes unmodified", "passes topkv",
+                                    "export decode", "total"}
+    assert all(v > 0 for v in plan["seconds"].values())
