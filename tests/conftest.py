@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +53,25 @@ def pytest_collection_modifyitems(config, items):
     """Longest files first (FILE_SECONDS), each file's tests in their own order. Every worker
     collects and sorts the same way, so the workers' collections stay equal (xdist checks that)."""
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: within a file, as written
+
+
+# The session's AOTInductor compile cache (tests/compile_cache/fastmmoe_test_cache.py): a program that
+# several tests (or the README's commands, tests/test_readme.py) compile to an AOTInductor package is
+# compiled once per session, keyed by a hash of the whole program, weights included. Its directory is
+# under this session's temporary root (shared by the xdist workers, with a file lock per program), so
+# every run compiles afresh; a hit is a copy of the package the same program compiled to.
+COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"
+sys.path.insert(0, str(COMPILE_CACHE))
+import fastmmoe_test_cache  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aoti_compile_cache(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+    os.environ[fastmmoe_test_cache.ENV] = str(root / "aoti-compile-cache")
+    fastmmoe_test_cache.install()
+    return root / "aoti-compile-cache"
 
 
 def pytest_addoption(parser):

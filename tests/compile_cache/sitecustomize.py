@@ -1,0 +1,32 @@
+"""Put on PYTHONPATH by tests/test_readme.py for the README's commands: when such a process imports
+fastmmoe_compile.lower.inductor, its package_aoti goes through the test session's AOTInductor compile
+cache (fastmmoe_test_cache.py, beside this file). Nothing else is changed, and nothing is imported
+until that module is."""
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_TARGET = "fastmmoe_compile.lower.inductor"
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        sys.meta_path.remove(self)  # find the real module once, then wrap its loader
+        spec = importlib.util.find_spec(name)
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            loader_exec(module)
+            import fastmmoe_test_cache
+
+            module.package_aoti = fastmmoe_test_cache.cached(module.package_aoti)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("FASTMMOE_TEST_AOTI_CACHE"):
+    sys.meta_path.insert(0, _AfterImport())
