@@ -74,6 +74,50 @@ def aoti_compile_cache(tmp_path_factory):
     return root / "aoti-compile-cache"
 
 
+_ONNX_EXPORTS = [0]  # torch.onnx.export calls in this process (lower/onnx.export_onnx makes one a program)
+_BUILDS = pytest.StashKey[tuple]()
+
+
+def _count_onnx_exports():
+    import torch.onnx
+
+    export = torch.onnx.export
+    if hasattr(export, "_counted"):
+        return
+
+    def onnx_export(*args, **kwargs):
+        _ONNX_EXPORTS[0] += 1
+        return export(*args, **kwargs)
+
+    onnx_export._counted = True
+    torch.onnx.export = onnx_export
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    _count_onnx_exports()
+    item.stash[_BUILDS] = (fastmmoe_test_cache.CALLS, _ONNX_EXPORTS[0])  # before any fixture is set up
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that compiles an AOTInductor package or exports an ONNX program (itself, or through a
+    fixture it is the first to use: so every user of such a fixture carries the mark) says so, and why
+    it needs that backend: @pytest.mark.aoti("why") / @pytest.mark.onnx("why"). The slow backends are
+    spent only where the fact depends on them; numerics alone are checked on the export backend."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.passed or _BUILDS not in item.stash:
+        return
+    built = {"aoti": fastmmoe_test_cache.CALLS - item.stash[_BUILDS][0], "onnx": _ONNX_EXPORTS[0] - item.stash[_BUILDS][1]}
+    missing = [name for name, n in built.items() if n and not getattr(item.get_closest_marker(name), "args", None)]
+    if missing:
+        report.outcome = "failed"
+        report.longrepr = "; ".join(f"{item.nodeid} builds {built[name]} {name} program(s) but has no "
+                                    f'@pytest.mark.{name}("why this backend is needed")' for name in missing)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
                      help="rewrite tests/golden/* from the current output instead of comparing")

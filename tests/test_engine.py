@@ -50,6 +50,7 @@ def _inputs(seq=48, batch=2):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the default backend through the CLI from a checkpoint dir, loaded back")
 def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
     engine = load_engine(aoti_engine)
     manifest = engine.manifest
@@ -75,6 +76,7 @@ def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("how an AOTInductor package gets its weights (load_constants, user-managed) is what it checks")
 def test_aoti_package_reads_the_shared_weights_in_place(aoti_engine):
     """The AOTInductor package holds no weights: it runs on the tensors load_weights() read, not a
     copy (load_constants(user_managed=True)), so a change to them shows in its logits."""
@@ -93,6 +95,7 @@ def test_aoti_package_reads_the_shared_weights_in_place(aoti_engine):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the input checks in front of the default backend's programs (the file's one AOTInductor engine)")
 def test_engine_rejects_bad_inputs(aoti_engine):
     engine = load_engine(aoti_engine)
     ids, mask = _inputs()
@@ -113,6 +116,7 @@ def test_engine_rejects_bad_inputs(aoti_engine):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("a corrupted or missing AOTInductor package must be refused (the file's one AOTInductor engine)")
 def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
     with pytest.raises(EngineFormatError, match="no manifest.json"):
         load_engine(tmp_path)
@@ -191,6 +195,7 @@ def test_in_process_torch_compile_matches_exported_program(config):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("sequence lengths that change mid-graph must stay dynamic in Inductor's codegen")
 def test_aoti_engine_with_merges_and_fastv_shapes(aoti_engine):
     """Merges change the sequence mid-graph; the AOTInductor engine must follow any S and N. At N = 90
     the stages really merge windows (floor(T * merge_ratio) >= 1); below, they only keep."""

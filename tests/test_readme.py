@@ -43,6 +43,8 @@ def test_every_block_is_run_or_listed_as_not_run():
             assert not b.text.lstrip().startswith(("fastmmoe-compile", "pip ", "python")), f"README.md:{b.line}"
 
 
+@pytest.mark.aoti("the README's commands build two engines with the default backend (in subprocesses, so the "
+                  "check of conftest.py does not see them)")
 def test_readme_runs_as_written(tmp_path, monkeypatch):
     import torch
 

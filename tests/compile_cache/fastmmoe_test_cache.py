@@ -24,6 +24,7 @@ from pathlib import Path
 
 ENV = "FASTMMOE_TEST_AOTI_CACHE"
 LOG_ENV = "FASTMMOE_TEST_AOTI_CACHE_LOG"
+CALLS = 0  # package_aoti calls in this process, hits included (tests/conftest.py checks the aoti marker)
 
 
 def _tensor_bytes(h, name: str, t) -> None:
@@ -74,6 +75,8 @@ def cached(package_aoti):
 
     @functools.wraps(package_aoti)
     def wrapper(program, path, constants: bool = True):
+        global CALLS
+        CALLS += 1
         root = os.environ.get(ENV)
         if not root:
             return package_aoti(program, path, constants)
