@@ -23,20 +23,25 @@ TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-mixtral",
 # keeps one worker busy after the other has run out of work (test_readme.py, 2 tests and minutes of
 # compiles, used to start near the end), so the longest files start first and the short ones fill in.
 # Seconds per file from a quiet 2-worker run of the whole suite (junitxml; 585 tests, 1481 s), except
-# the two marked "est.", which gained an AOTInductor engine test since (timed alone). Files not listed
-# (short ones) run after these. Only the order depends on these numbers, never what runs.
+# those marked "est.": the two files that gained an AOTInductor engine test since (timed alone), and
+# the three whose AOTInductor programs are now the README's (test_engine, test_attention_impl,
+# test_vlm: built once per session by the compile cache below, by whichever file gets there first;
+# their numbers are what is left when test_readme.py has built them, and they are placed after the
+# files that start with test_readme.py, so that they find them built instead of waiting on the
+# other worker's compile). Files not listed (short ones) run after these. Only the order depends on
+# these numbers, never what runs.
 FILE_SECONDS = {
     "test_readme.py": 475,  # every README command: two Inductor engines (5 AOTInductor programs)
-    "test_engine.py": 291,  # in-process torch.compile, 2 AOTInductor engines
     "test_onnx.py": 253,
     "test_sparsevlm.py": 240,  # est.: 60 + its AOTInductor engine and generate tests
-    "test_attention_impl.py": 238,
+    "test_engine.py": 200,  # est.: in-process torch.compile; the README's merge engine through the CLI
     "test_authors_compat.py": 170,  # est.: the compat program and its AOTInductor engine
     "test_deepseek_vl2.py": 163,
     "test_decode.py": 146,
     "test_topkv.py": 143,
     "test_merge.py": 143,
-    "test_vlm.py": 101,
+    "test_vlm.py": 100,  # est.: the README's VLM engine (3 AOTInductor programs)
+    "test_attention_impl.py": 90,  # est.: the README's merge engine from an eager-attention model
     "test_gpu_check.py": 82,
     "test_qwen3_vl_moe.py": 82,
     "test_api_inputs.py": 80,
@@ -110,7 +115,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if call.when != "call" or not report.passed or _BUILDS not in item.stash:
         return
-    built = {"aoti": fastmmoe_test_cache.CALLS - item.stash[_BUILDS][0], "onnx": _ONNX_EXPORTS[0] - item.stash[_BUILDS][1]}
+    aoti, onnx = item.stash[_BUILDS]
+    built = {"aoti": fastmmoe_test_cache.CALLS - aoti, "onnx": _ONNX_EXPORTS[0] - onnx}
     missing = [name for name, n in built.items() if n and not getattr(item.get_closest_marker(name), "args", None)]
     if missing:
         report.outcome = "failed"

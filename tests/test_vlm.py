@@ -149,7 +149,7 @@ def test_generate_and_cli_run_match_hf_generate(identity_engine, loaded, images,
 
 
 @pytest.mark.slow
-@pytest.mark.aoti("the default backend's engine of a VLM (vision program, backbone, decode) runs without the checkpoint")
+@pytest.mark.aoti("the default backend's VLM engine (vision program, backbone, decode) runs without the checkpoint")
 def test_aoti_engine_runs_from_an_image_file_without_the_checkpoint(checkpoint, loaded, images, tmp_path):
     """AOTInductor backbone + vision encoder + processing files; the source checkpoint is gone when
     the engine runs."""
