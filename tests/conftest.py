@@ -69,13 +69,14 @@ COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"
 sys.path.insert(0, str(COMPILE_CACHE))
 import fastmmoe_test_cache  # noqa: E402
 
+fastmmoe_test_cache.install()  # before the test modules import anything from lower (a pass-through until ENV is set)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def aoti_compile_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
     os.environ[fastmmoe_test_cache.ENV] = str(root / "aoti-compile-cache")
-    fastmmoe_test_cache.install()
     return root / "aoti-compile-cache"
 
 
