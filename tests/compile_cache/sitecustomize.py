@@ -30,3 +30,18 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 if os.environ.get("FASTMMOE_TEST_AOTI_CACHE"):
     sys.meta_path.insert(0, _AfterImport())
+
+
+def _chain() -> None:
+    """Run the sitecustomize this one shadows, if the interpreter has one (e.g. a distribution's)."""
+    import importlib.machinery
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.origin and os.path.abspath(spec.origin) != os.path.abspath(__file__):
+        code = compile(open(spec.origin, encoding="utf-8").read(), spec.origin, "exec")
+        exec(code, {"__name__": "sitecustomize", "__file__": spec.origin})  # noqa: S102
+
+
+_chain()
