@@ -1,9 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from .compile_cache import fastmmoe_test_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
@@ -65,10 +66,7 @@ def pytest_collection_modifyitems(config, items):
 # compiled once per session, keyed by a hash of the whole program, weights included. Its directory is
 # under this session's temporary root (shared by the xdist workers, with a file lock per program), so
 # every run compiles afresh; a hit is a copy of the package the same program compiled to.
-COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"
-sys.path.insert(0, str(COMPILE_CACHE))
-import fastmmoe_test_cache  # noqa: E402
-
+COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"  # on the README commands' PYTHONPATH
 fastmmoe_test_cache.install()  # before the test modules import anything from lower (a pass-through until ENV is set)
 
 

@@ -6,8 +6,11 @@ and fake value, its signature, range constraints and guards, every weight and co
 dtype, shape, strides and bytes, the `constants` flag, torch's version), so a hit is a package of the
 same program. The first caller compiles (with AOTInductor, as without the cache) and copies the
 package into the cache directory; a later caller with the same key, in this process, another xdist
-worker or a subprocess (the README's commands), gets a copy of that file. A file lock per key makes a
-second caller wait for the first instead of compiling the same program again.
+worker or a subprocess (the README's commands), gets a copy of that file. A file lock per key (flock)
+makes a second caller wait for the first instead of compiling the same program again.
+
+Standard library only (and torch, at call time): tests/conftest.py imports it as
+tests.compile_cache.fastmmoe_test_cache, and sitecustomize.py beside it loads it from its file.
 
 On only while FASTMMOE_TEST_AOTI_CACHE names a directory: tests/conftest.py points it at a directory
 of this session's temporary root (shared by the xdist workers, new every session: nothing is reused
@@ -15,6 +18,7 @@ from one run to the next). FASTMMOE_TEST_AOTI_CACHE_LOG, when set, gets one line
 or miss, seconds."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -83,13 +87,12 @@ def cached(package_aoti):
         root = os.environ.get(ENV)
         if not root:
             return package_aoti(program, path, constants)
-        from filelock import FileLock
-
         start = time.time()
         key = program_key(program, constants)
         entry = Path(root) / f"{key}.pt2"
         Path(root).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(entry) + ".lock"):
+        with open(str(entry) + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
             if entry.is_file():
                 shutil.copyfile(entry, path)
                 _log(key, "hit", time.time() - start, path)

@@ -20,9 +20,11 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             loader_exec(module)
-            import fastmmoe_test_cache
-
-            module.package_aoti = fastmmoe_test_cache.cached(module.package_aoti)
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastmmoe_test_cache.py")
+            cache_spec = importlib.util.spec_from_file_location("fastmmoe_test_cache", path)
+            cache = importlib.util.module_from_spec(cache_spec)
+            cache_spec.loader.exec_module(cache)
+            module.package_aoti = cache.cached(module.package_aoti)
 
         spec.loader.exec_module = exec_module
         return spec
