@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from .compile_cache import fastmmoe_test_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
@@ -21,20 +24,25 @@ TINY = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-mixtral",
 # keeps one worker busy after the other has run out of work (test_readme.py, 2 tests and minutes of
 # compiles, used to start near the end), so the longest files start first and the short ones fill in.
 # Seconds per file from a quiet 2-worker run of the whole suite (junitxml; 585 tests, 1481 s), except
-# the two marked "est.", which gained an AOTInductor engine test since (timed alone). Files not listed
-# (short ones) run after these. Only the order depends on these numbers, never what runs.
+# those marked "est.": the two files that gained an AOTInductor engine test since (timed alone), and
+# the three whose AOTInductor programs are now the README's (test_engine, test_attention_impl,
+# test_vlm: built once per session by the compile cache below, by whichever file gets there first;
+# their numbers are what is left when test_readme.py has built them, and they are placed after the
+# files that start with test_readme.py, so that they find them built instead of waiting on the
+# other worker's compile). Files not listed (short ones) run after these. Only the order depends on
+# these numbers, never what runs.
 FILE_SECONDS = {
     "test_readme.py": 475,  # every README command: two Inductor engines (5 AOTInductor programs)
-    "test_engine.py": 291,  # in-process torch.compile, 2 AOTInductor engines
     "test_onnx.py": 253,
     "test_sparsevlm.py": 240,  # est.: 60 + its AOTInductor engine and generate tests
-    "test_attention_impl.py": 238,
+    "test_engine.py": 200,  # est.: in-process torch.compile; the README's merge engine through the CLI
     "test_authors_compat.py": 170,  # est.: the compat program and its AOTInductor engine
     "test_deepseek_vl2.py": 163,
     "test_decode.py": 146,
     "test_topkv.py": 143,
     "test_merge.py": 143,
-    "test_vlm.py": 101,
+    "test_vlm.py": 100,  # est.: the README's VLM engine (3 AOTInductor programs)
+    "test_attention_impl.py": 90,  # est.: the README's merge engine from an eager-attention model
     "test_gpu_check.py": 82,
     "test_qwen3_vl_moe.py": 82,
     "test_api_inputs.py": 80,
@@ -52,6 +60,68 @@ def pytest_collection_modifyitems(config, items):
     """Longest files first (FILE_SECONDS), each file's tests in their own order. Every worker
     collects and sorts the same way, so the workers' collections stay equal (xdist checks that)."""
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: within a file, as written
+
+
+# The session's AOTInductor compile cache (tests/compile_cache/fastmmoe_test_cache.py): a program that
+# several tests (or the README's commands, tests/test_readme.py) compile to an AOTInductor package is
+# compiled once per session, keyed by a hash of the whole program, weights included. Its directory is
+# under this session's temporary root (shared by the xdist workers, with a file lock per program), so
+# every run compiles afresh; a hit is a copy of the package the same program compiled to.
+COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"  # on the README commands' PYTHONPATH
+fastmmoe_test_cache.install()  # before the test modules import anything from lower (a pass-through until ENV is set)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aoti_compile_cache(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+    os.environ[fastmmoe_test_cache.ENV] = str(root / "aoti-compile-cache")
+    return root / "aoti-compile-cache"
+
+
+_ONNX_EXPORTS = [0]  # torch.onnx.export calls in this process (lower/onnx.export_onnx makes one a program)
+_BUILDS = pytest.StashKey[tuple]()
+
+
+def _count_onnx_exports():
+    import torch.onnx
+
+    export = torch.onnx.export
+    if hasattr(export, "_counted"):
+        return
+
+    def onnx_export(*args, **kwargs):
+        _ONNX_EXPORTS[0] += 1
+        return export(*args, **kwargs)
+
+    onnx_export._counted = True
+    torch.onnx.export = onnx_export
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    _count_onnx_exports()
+    item.stash[_BUILDS] = (fastmmoe_test_cache.CALLS, _ONNX_EXPORTS[0])  # before any fixture is set up
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that compiles an AOTInductor package or exports an ONNX program (itself, or through a
+    fixture it is the first to use: so every user of such a fixture carries the mark) says so, and why
+    it needs that backend: @pytest.mark.aoti("why") / @pytest.mark.onnx("why"). The slow backends are
+    spent only where the fact depends on them; numerics alone are checked on the export backend."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.passed or _BUILDS not in item.stash:
+        return
+    aoti, onnx = item.stash[_BUILDS]
+    built = {"aoti": fastmmoe_test_cache.CALLS - aoti, "onnx": _ONNX_EXPORTS[0] - onnx}
+    missing = [name for name, n in built.items() if n and not getattr(item.get_closest_marker(name), "args", None)]
+    if missing:
+        report.outcome = "failed"
+        report.longrepr = "; ".join(f"{item.nodeid} builds {built[name]} {name} program(s) but has no "
+                                    f'@pytest.mark.{name}("why this backend is needed")' for name in missing)
 
 
 def pytest_addoption(parser):

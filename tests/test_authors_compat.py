@@ -133,6 +133,7 @@ def test_compat_program_matches_eager_reference():
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("compat mode's unbacked token counts through Inductor's codegen, saved and loaded")
 def test_compat_aoti_engine_prefills_and_generates_as_the_eager_reference(tmp_path):
     """The AOTInductor engine of the same three compat stages, saved and loaded: prefill logits and kept
     tokens equal the eager reference; greedy generate equals eager greedy decoding after that prefill."""

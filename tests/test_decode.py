@@ -200,6 +200,7 @@ def test_engine_without_decode_program(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the decode program and per-layer caches of different lengths through AOTInductor packages")
 def test_aoti_engine_generates(tmp_path):
     """compile_model(out=dir) with AOTInductor -> load_engine -> generate, merges included,
     for a batch of different lengths: the same tokens as the ExportedProgram engine.

@@ -349,6 +349,7 @@ def test_bad_inputs_are_clear_errors(identity_engine, checkpoint, images, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the default backend's vision program (dynamic tile count) and backbone for this family")
 def test_aoti_engine_from_an_image_file(checkpoint, loaded, images, tmp_path):
     """AOTInductor backbone + vision encoder (dynamic tile count); the checkpoint is gone when it runs."""
     source = tmp_path / "ckpt"

@@ -22,12 +22,21 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+# The README's Top-Kv + token merging engine (`fastmmoe-compile tiny-qwen3-moe --out ./engine-merge
+# --merge-layers 1,3 --keep-ratio 0.5`, defaults reduce_from_layer=2, vision_expert_ratio=0.5), here
+# from a checkpoint dir holding the same weights: the same programs, so the session's AOTInductor
+# compile cache (tests/conftest.py) builds them once for this file, tests/test_readme.py and
+# tests/test_attention_impl.py.
+README_MERGE_FLAGS = ["--merge-layers", "1,3", "--keep-ratio", "0.5"]
+README_MERGE = FastMMoEConfig(reduce_from_layer=2, vision_expert_ratio=0.5, merge_layers=(1, 3), keep_ratio=0.5)
+
+
 @pytest.fixture(scope="session")
 def aoti_engine(checkpoint, tmp_path_factory):
-    """One AOTInductor build for the session (about 20 s on 2 cores), made through the CLI."""
+    """AOTInductor (needed: what these tests check is the AOTInductor package and its loader): one
+    build of prefill + decode for the file, made through the CLI from the checkpoint dir."""
     out = tmp_path_factory.mktemp("engines") / "engine"
-    rc = main([str(checkpoint), "--out", str(out), "--vision-expert-ratio", "0.5", "--reduce-from-layer", "2",
-               "--no-decode", "--quiet"])
+    rc = main([str(checkpoint), "--out", str(out), *README_MERGE_FLAGS, "--quiet"])
     assert rc == 0
     return out
 
@@ -41,23 +50,25 @@ def _inputs(seq=48, batch=2):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the default backend through the CLI from a checkpoint dir, loaded back")
 def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
     engine = load_engine(aoti_engine)
     manifest = engine.manifest
     assert manifest["backend"] == "inductor"
     assert manifest["model"]["source"] == str(checkpoint) and manifest["model"]["model_type"] == "qwen3_moe"
-    assert manifest["config"]["vision_expert_ratio"] == 0.5
+    assert manifest["config"]["vision_expert_ratio"] == 0.5 and manifest["config"]["merge_layers"] == [1, 3]
     assert [c["layer"] for c in manifest["passes"][0]["changes"]] == [2, 3]
     ids, mask = _inputs()
     result = engine.prefill(ids, vision_mask=mask)
     assert result.logits.shape == (2, 256)
-    assert torch.equal(result.kept_positions, torch.arange(48).expand(2, 48))
+    assert result.kept_positions.shape[1] < 48  # the merges pruned
     # The compiled engine computes what the rewritten exported program computes.
-    loaded, program, _ = rewrite(str(checkpoint), FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=2))
+    loaded, program, _ = rewrite(str(checkpoint), README_MERGE)
     positions = mask.nonzero()[:, 1].reshape(2, -1)
     with torch.no_grad():
-        expected = program.module()(engine.embed(ids), positions)[0]
+        expected, expected_kept = program.module()(engine.embed(ids), positions)[:2]
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
+    assert torch.equal(result.kept_positions, expected_kept)
     # A dynamic sequence length and batch, and a prompt with no image: the original model.
     ids1 = ids[:1, :29]
     no_image = engine.prefill(ids1)
@@ -65,6 +76,7 @@ def test_cli_checkpoint_to_engine_and_back(aoti_engine, checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("how an AOTInductor package gets its weights (load_constants, user-managed) is what it checks")
 def test_aoti_package_reads_the_shared_weights_in_place(aoti_engine):
     """The AOTInductor package holds no weights: it runs on the tensors load_weights() read, not a
     copy (load_constants(user_managed=True)), so a change to them shows in its logits."""
@@ -83,6 +95,7 @@ def test_aoti_package_reads_the_shared_weights_in_place(aoti_engine):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the input checks in front of the default backend's programs (the file's one AOTInductor engine)")
 def test_engine_rejects_bad_inputs(aoti_engine):
     engine = load_engine(aoti_engine)
     ids, mask = _inputs()
@@ -103,6 +116,7 @@ def test_engine_rejects_bad_inputs(aoti_engine):
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("a corrupted or missing AOTInductor package must be refused (the file's one AOTInductor engine)")
 def test_corrupt_and_foreign_dirs_are_refused(aoti_engine, tmp_path):
     with pytest.raises(EngineFormatError, match="no manifest.json"):
         load_engine(tmp_path)
@@ -181,13 +195,13 @@ def test_in_process_torch_compile_matches_exported_program(config):
 
 
 @pytest.mark.slow
-def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
-    """Merges change the sequence mid-graph; the AOTInductor engine must follow any S and N."""
-    loaded = tiny_model("tiny-qwen3-moe")
-    config = FastMMoEConfig(reduce_from_layer=2, merge_layers=(1, 3), keep_ratio=0.5, merge_ratio=0.2)
-    engine = compile_model(loaded, config, tmp_path / "engine", quiet=True, decode=False)
-    reference = compile_model(loaded, config, backend="export", quiet=True, decode=False)
-    for batch, seq, n in [(2, 40, 24), (1, 57, 31), (2, 33, 1), (1, 20, 0)]:
+@pytest.mark.aoti("sequence lengths that change mid-graph must stay dynamic in Inductor's codegen")
+def test_aoti_engine_with_merges_and_fastv_shapes(aoti_engine):
+    """Merges change the sequence mid-graph; the AOTInductor engine must follow any S and N. At N = 90
+    the stages really merge windows (floor(T * merge_ratio) >= 1); below, they only keep."""
+    engine = load_engine(aoti_engine)
+    reference = compile_model(tiny_model("tiny-qwen3-moe"), README_MERGE, backend="export", quiet=True, decode=False)
+    for batch, seq, n in [(2, 40, 24), (1, 57, 31), (2, 33, 1), (1, 20, 0), (1, 100, 90)]:
         ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seq))
         positions = torch.arange(3, 3 + n).expand(batch, n)
         got, want = engine.prefill(ids, vision_positions=positions), reference.prefill(ids, vision_positions=positions)
@@ -195,6 +209,8 @@ def test_aoti_engine_with_merges_and_fastv_shapes(tmp_path):
         assert torch.equal(got.kept_positions, want.kept_positions)
         left = n
         for _ in range(2):  # two stages at r = 0.5 ** (1/2), docs/fastmmoe.md 2.1
+            if left:
+                assert n < 90 or math.floor(math.floor(left * 0.5 ** 0.5) * README_MERGE.merge_ratio) >= 1
             left = min(left, max(1, math.floor(left * 0.5 ** 0.5))) if left else 0
         assert got.kept_positions.shape[1] == seq - n + left
 

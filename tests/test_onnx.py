@@ -23,6 +23,9 @@ from .conftest import hf_last_logits, tiny_model  # noqa: E402
 from .test_decode import MERGE as DECODE_MERGE  # noqa: E402
 from .test_decode import NEW, ids_of, sharp_model  # noqa: E402
 
+pytestmark = pytest.mark.onnx("this file tests the ONNX backend itself: the exporter's graph, ONNX Runtime's "
+                              "numerics against the export backend, the ONNX checker")
+
 TOPKV = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1)
 # Top-Kv and two merge stages; a merge ratio high enough that windows really merge (M > 0) at these N
 MERGE = FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=1, merge_layers=(1, 2), keep_ratio=0.5,

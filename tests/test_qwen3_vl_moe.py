@@ -100,6 +100,7 @@ def test_exported_vision_encoder_is_hf_get_image_features(identity_engine, loade
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the default backend's vision program must take every patch grid (dynamic shapes in Inductor)")
 def test_aoti_vision_encoder_takes_any_image_size(loaded, images, tmp_path):
     """The default backend's vision program: one AOTInductor package for every patch grid."""
     from fastmmoe_compile.export.vision import export_vision

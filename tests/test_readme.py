@@ -5,11 +5,12 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import write_images
+from .conftest import COMPILE_CACHE, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +44,8 @@ def test_every_block_is_run_or_listed_as_not_run():
             assert not b.text.lstrip().startswith(("fastmmoe-compile", "pip ", "python")), f"README.md:{b.line}"
 
 
+@pytest.mark.aoti("the README's commands build two engines with the default backend (in subprocesses, so the "
+                  "check of conftest.py does not see them)")
 def test_readme_runs_as_written(tmp_path, monkeypatch):
     import torch
 
@@ -52,14 +55,21 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     load_model("tiny-qwen3-moe").lm.save_pretrained(tmp_path / "my-checkpoint")
     write_images(tmp_path, {"cat": (64, 80), "a": (120, 90), "b": (50, 50)})  # cat.png, a.png, b.png
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The commands share the session's AOTInductor compile cache (conftest.COMPILE_CACHE: a program the
+    # rest of the suite also compiles, e.g. tests/test_vlm.py's engine of tiny-internvl, is compiled once).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COMPILE_CACHE), os.environ.get("PYTHONPATH")]))
 
     shell = [b for b in _blocks() if b.section == "Use" and b.language == "bash"]
     assert len(shell) == 1
     for command in shell[0].commands():
+        start = time.time()
+        # timeout: a hang guard, generous because a compile may first wait for another worker that is
+        # compiling the same program (the cache's lock) on a busy machine.
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=2400)
         assert done.returncode == 0, f"README.md:{shell[0].line}: {command}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr
+        print(f"{time.time() - start:6.1f} s  {command}")  # shown with -rP: where the file's minutes go
 
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}

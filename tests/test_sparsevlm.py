@@ -113,6 +113,7 @@ def test_config_errors():
 
 
 @pytest.mark.slow
+@pytest.mark.onnx("sparsevlm_tokens' loop-free ONNX kernel (ops.LOOP_FREE) exists only on this backend")
 def test_onnx_backbone_matches_the_program(tmp_path):
     """sparsevlm_tokens decomposed into its loop-free kernel for ONNX (ops.LOOP_FREE): ONNX Runtime's
     logits within 1e-4 of the exported program and the same kept tokens, batch 1 and 2, no vision."""
@@ -172,6 +173,7 @@ def test_generate_equals_eager_greedy_decoding():
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("SparseVLM's data-dependent token counts through Inductor's codegen, saved and loaded")
 def test_aoti_engine_matches_eager_reference(tmp_path):
     """The AOTInductor engine (qwen3-moe), saved and loaded: prefill logits and kept tokens equal the eager
     reference, and so does greedy generate."""

@@ -149,14 +149,17 @@ def test_generate_and_cli_run_match_hf_generate(identity_engine, loaded, images,
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the default backend's VLM engine (vision program, backbone, decode) runs without the checkpoint")
 def test_aoti_engine_runs_from_an_image_file_without_the_checkpoint(checkpoint, loaded, images, tmp_path):
     """AOTInductor backbone + vision encoder + processing files; the source checkpoint is gone when
     the engine runs."""
     source = tmp_path / "ckpt"
     shutil.copytree(checkpoint, source)
     out = tmp_path / "engine"
-    compile_model(str(source), FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=2), out, quiet=True,
-                  decode=False)  # decode's AOTInductor build is tests/test_decode.py's
+    # The README's `fastmmoe-compile tiny-internvl --out ./vlm` (default config, with decode) from a
+    # checkpoint of the same weights: the same three programs, built once per session by the compile
+    # cache (tests/conftest.py) for this test and tests/test_readme.py.
+    compile_model(str(source), FastMMoEConfig(vision_expert_ratio=0.5, reduce_from_layer=2), out, quiet=True)
     shutil.rmtree(source)
     engine = load_engine(out)
     files = engine.manifest["files"]

@@ -281,6 +281,7 @@ def test_checkpoint_is_read_once_into_memory_of_its_own(wide_checkpoint, tmp_pat
         assert modeling_utils.safe_open is spy and SEQUENTIAL_LOAD_ENV not in os.environ
 
 
+@pytest.mark.onnx("how the ONNX writer stores the weights (one external-data file) is what it checks")
 def test_onnx_engine_stores_the_weights_once(wide_checkpoint, engine, tmp_path):
     """The ONNX programs (prefill and decode) point into one external-data file, each distinct
     tensor once (lower/onnx.py SHARED_DATA_FILE); before, each .onnx carried all the weights (over
