@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.aoti("the GPU check's aoti part compiles the engines users deploy (in its subprocess)")
 def test_gpu_check_dry_run(tmp_path):
     """Every part but pytest -m gpu passes; the AOTInductor part compiles, writes and loads both engines."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--reps", "1",
