@@ -293,22 +293,30 @@ def sdpa_kernels(config, seq: int, device: torch.device, dtype: torch.dtype) -> 
             "enable_gqa, is_causal": names[torch._fused_sdp_choice(q, k, k, None, is_causal=True, enable_gqa=True)]}
 
 
+def build_backbone(args, layers: int | None, device: torch.device, dtype: torch.dtype, out: dict):
+    """The backbone under test (the 30B shape; a dry run's tiny one) with random weights made on `device`,
+    its facts into `out`: (LoadedModel, layer count, bytes of GPU memory its weights take)."""
+    from fastmmoe_compile.bench import build_preset
+    from fastmmoe_compile.models.presets import PRESETS
+
+    preset = PRESETS["tiny-qwen3-moe" if args.dry_run else "internvl3.5-30b-a3b-backbone"]
+    t0 = time.perf_counter()
+    loaded = build_preset(preset, dtype, layers, device)
+    num_layers = loaded.family.num_layers(loaded.config)
+    out.update({"model": loaded.describe(), "layers": num_layers, "vision": args.vision, "text": args.text,
+                "dtype": str(dtype).replace("torch.", ""), "seconds": {"build": time.perf_counter() - t0}})
+    return loaded, num_layers, torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
 def check_backbone(args, device: torch.device, dtype: torch.dtype, out: dict, save) -> None:
     """Part 2, its results into `out` as they come (save() after each step)."""
     from fastmmoe_compile import flops
     from fastmmoe_compile.api import engine_in_process, rewrite_each
-    from fastmmoe_compile.bench import build_preset, compile_variant, hf_prefill
-    from fastmmoe_compile.models.presets import PRESETS
+    from fastmmoe_compile.bench import compile_variant, hf_prefill
 
     cuda = device.type == "cuda"
-    preset = PRESETS["tiny-qwen3-moe" if args.dry_run else "internvl3.5-30b-a3b-backbone"]
-    t0 = time.perf_counter()
-    loaded = build_preset(preset, dtype, args.layers, device)
-    num_layers = loaded.family.num_layers(loaded.config)
-    weights = torch.cuda.memory_allocated() if cuda else 0
-    out.update({"model": loaded.describe(), "layers": num_layers, "vision": args.vision, "text": args.text,
-                "dtype": str(dtype).replace("torch.", ""), "weights_bytes": weights if cuda else None,
-                "seconds": {"build": time.perf_counter() - t0}, "rewrite_s": {}})
+    loaded, num_layers, weights = build_backbone(args, args.layers, device, dtype, out)
+    out.update({"weights_bytes": weights if cuda else None, "rewrite_s": {}})
     log(f"built {loaded.source}: {num_layers} layers, {dtype}, {device} in {out['seconds']['build']:.0f}s")
     out["sdpa_kernel"] = sdpa_kernels(loaded.config, args.text + args.vision, device, dtype)
     log(f"SDPA kernel at this shape: {out['sdpa_kernel']}")
@@ -354,18 +362,11 @@ def check_aoti(args, device: torch.device, dtype: torch.dtype, tmp: Path, out: d
     loaded and timed (prefill, decode ms/step) against transformers' own model, at args.aoti_layers."""
     from fastmmoe_compile import flops
     from fastmmoe_compile.api import compile_model
-    from fastmmoe_compile.bench import build_preset, hf_prefill
-    from fastmmoe_compile.models.presets import PRESETS
+    from fastmmoe_compile.bench import hf_prefill
 
     cuda = device.type == "cuda"
-    preset = PRESETS["tiny-qwen3-moe" if args.dry_run else "internvl3.5-30b-a3b-backbone"]
-    t0 = time.perf_counter()
-    loaded = build_preset(preset, dtype, args.aoti_layers, device)
-    num_layers = loaded.family.num_layers(loaded.config)
-    weights = torch.cuda.memory_allocated() if cuda else 0
-    out.update({"model": loaded.describe(), "layers": num_layers, "vision": args.vision, "text": args.text,
-                "dtype": str(dtype).replace("torch.", ""), "seconds": {"build": time.perf_counter() - t0},
-                "note": f"AOTInductor engines of {num_layers} of the model's layers (a full-depth compile does not "
+    loaded, num_layers, weights = build_backbone(args, args.aoti_layers, device, dtype, out)
+    out.update({"note": f"AOTInductor engines of {num_layers} of the model's layers (a full-depth compile does not "
                         "fit a loan)" if not args.dry_run else "dry run: tiny model on the CPU"})
     save()
     configs = variant_configs(num_layers, {"unmodified", "fastmmoe-50"})
