@@ -47,7 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # cuda_preflight
 
 import torch  # noqa: E402
 
@@ -477,7 +476,12 @@ def time_plan(args) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from cuda_preflight import build, fake_on
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_preflight", ROOT / "benchmarks" / "cuda_preflight.py")
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)  # the sibling script: its fake-weights helpers
+    build, fake_on = preflight.build, preflight.fake_on
     from fastmmoe_compile.export import export_backbone
     from fastmmoe_compile.export.decode import export_decode
     from fastmmoe_compile.passes import apply_passes

@@ -156,8 +156,15 @@ def test_failed_compile_leaves_nothing_on_disk(tmp_path, monkeypatch):
 
 
 def test_existing_dir_needs_overwrite(tmp_path):
+    """An existing engine needs overwrite (the hint says so); any other existing directory is refused
+    with no such hint, since overwrite replaces only an engine (issue 22: hints name what works)."""
     out = tmp_path / "engine"
     out.mkdir()
+    with pytest.raises(FileExistsError, match="not a fastmmoe engine") as info:
+        compile_model(tiny_model("tiny-olmoe"), out=out, quiet=True)
+    assert "--overwrite" not in str(info.value)
+    out.rmdir()
+    compile_model(tiny_model("tiny-olmoe"), out=out, backend="export", quiet=True, decode=False)
     with pytest.raises(FileExistsError, match="--overwrite"):
         compile_model(tiny_model("tiny-olmoe"), out=out, quiet=True)
 
