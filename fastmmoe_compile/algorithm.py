@@ -11,10 +11,8 @@ import math
 import torch
 
 
-def vision_topk(top_k: int, ratio: float, explicit: int | None = None) -> int:
-    """Kv = max(1, floor(K * rho)), or the explicit value (clamped to K)."""
-    if explicit is not None:
-        return max(1, min(int(explicit), top_k))
+def vision_topk(top_k: int, ratio: float) -> int:
+    """Kv = max(1, floor(K * rho)), at most K (an explicit Kv is FastMMoEConfig.kv's)."""
     # The epsilon keeps floor(8 * 0.5) == 4 even if ratio arrives as 0.49999999.
     return max(1, min(top_k, math.floor(top_k * ratio + 1e-9)))
 
