@@ -38,12 +38,10 @@ class MergeStage:
 
     def vision_after(self, num_vision):
         """Vision tokens this stage leaves from `num_vision` (ints or SymInts), as the graph computes it."""
-        from .algorithm import compat_vision_after_stage, ratio_units, vision_after_stage
+        from .algorithm import merge_vision_after, ratio_units
 
-        if self.compat:
-            return compat_vision_after_stage(num_vision, ratio_units(self.ratio), ratio_units(self.merge_ratio),
-                                             self.window)
-        return vision_after_stage(num_vision, ratio_units(self.ratio))
+        return merge_vision_after(num_vision, ratio_units(self.ratio), ratio_units(self.merge_ratio), self.window,
+                                  self.compat)
 
 
 @dataclass(frozen=True)
