@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import re
 import signal
 import sys
@@ -56,10 +55,8 @@ def _flag(dest: str) -> str:
 
 def _as_flags(message: str) -> str:
     """A config error names dataclass fields (keep_ratio=0); the user typed flags (--keep-ratio 0)."""
-    flags = {}
-    for method in METHODS.values():
-        fields = {f.name for f in dataclasses.fields(method.config_class)}
-        flags |= {dest: _flag(dest) for dest in method.flags if dest in fields} | method.field_flags
+    flags = {method.field_of(dest): _flag(dest) for method in METHODS.values() for dest in method.flags
+             if method.field_of(dest) is not None}
     return re.sub(rf"(?<![\w-])({'|'.join(flags)})\b(=?)",
                   lambda m: flags[m.group(1)] + (" " if m.group(2) else ""), message)
 

@@ -8,6 +8,7 @@ it cannot be lowered by. The pipeline, flops, cli and api ask `method_of(config)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,12 @@ class Method:
     help: str = ""  # its clause of --method's help
     flags: tuple[str, ...] = ()  # argparse dests of the flags add_flags adds (their flag: --dashed-dest)
     shared_flags: tuple[str, ...] = ()  # other methods' flags it reads too (--keep-ratio of the baselines)
-    field_flags: dict[str, str] = {}  # its config fields' flags, where they differ from --dashed-field
+    flag_fields: dict[str, str] = {}  # {dest: config field} where a flag sets a field of another name
+
+    def field_of(self, dest: str) -> str | None:
+        """The config field that flag `dest` sets (None: no field, e.g. --preset)."""
+        name = self.flag_fields.get(dest, dest)
+        return name if name in {f.name for f in dataclasses.fields(self.config_class)} else None
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Add its flags (`flags`) to a command's parser, each with default None (not typed). The
@@ -53,9 +59,9 @@ class Method:
 
     def from_flags(self, typed: dict) -> Config:
         """Its configuration from the typed flags ({dest: value}, those of `flags` and `shared_flags`
-        that were given). ConfigError (naming fields or flags) where they are out of range or one
-        would have no effect."""
-        return self.config_class(**typed)
+        that were given; the rest keep the config class's defaults). ConfigError (naming fields or
+        flags) where they are out of range or one would have no effect."""
+        return self.config_class(**{self.field_of(dest): value for dest, value in typed.items()})
 
     def passes(self, config: Config) -> list[GraphPass]:
         """The graph passes that apply `config`, in order."""

@@ -17,14 +17,10 @@ class FastV(Method):
     help = "the FastV baseline (--fastv-layer, --keep-ratio)"
     flags = ("fastv_layer",)
     shared_flags = ("keep_ratio",)
-    field_flags = {"prune_layer": "--fastv-layer"}
+    flag_fields = {"fastv_layer": "prune_layer"}
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
-
-    def from_flags(self, typed: dict) -> FastVConfig:
-        fields = {"prune_layer": typed.get("fastv_layer"), "keep_ratio": typed.get("keep_ratio")}
-        return FastVConfig(**{k: v for k, v in fields.items() if v is not None})
 
     def passes(self, config: FastVConfig) -> list[GraphPass]:
         return [TokenReduction(config.stages(), name="fastv")]

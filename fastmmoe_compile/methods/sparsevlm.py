@@ -16,15 +16,11 @@ class SparseVLM(Method):
     help = "the SparseVLM baseline (--sparsevlm-layers, --keep-ratio)"
     flags = ("sparsevlm_layers",)
     shared_flags = ("keep_ratio",)
-    field_flags = {"prune_layers": "--sparsevlm-layers"}
+    flag_fields = {"sparsevlm_layers": "prune_layers"}
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--sparsevlm-layers", type=str, default=None,
                             help="SparseVLM: the layers that prune, comma-separated (default: 2,6,15, the paper's)")
-
-    def from_flags(self, typed: dict) -> SparseVLMConfig:
-        fields = {"prune_layers": typed.get("sparsevlm_layers"), "keep_ratio": typed.get("keep_ratio")}
-        return SparseVLMConfig(**{k: v for k, v in fields.items() if v is not None})
 
     def passes(self, config: SparseVLMConfig) -> list[GraphPass]:
         return [SparseVLMPass(config.stages())]
