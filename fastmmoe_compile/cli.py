@@ -32,7 +32,7 @@ import warnings
 from .config import CONFIG_PRESETS, ConfigError
 from .errors import UserInputError
 from .lower.backends import backend_names
-from .methods import METHODS
+from .methods import METHODS, flag
 
 SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve", "env")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -49,13 +49,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         method.add_flag_group(parser)
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def _as_flags(message: str) -> str:
     """A config error names dataclass fields (keep_ratio=0); the user typed flags (--keep-ratio 0)."""
-    flags = {method.field_of(dest): _flag(dest) for method in METHODS.values() for dest in method.flags
+    flags = {method.field_of(dest): flag(dest) for method in METHODS.values() for dest in method.flags
              if method.field_of(dest) is not None}
     return re.sub(rf"(?<![\w-])({'|'.join(flags)})\b(=?)",
                   lambda m: flags[m.group(1)] + (" " if m.group(2) else ""), message)
@@ -72,11 +68,12 @@ def _config_from(args):
     for dest in foreign:
         owner = next(method for method in METHODS.values() if dest in method.flags)
         if owner.name != _DEFAULT_METHOD:
-            raise ConfigError(f"{_flag(dest)} needs --method {owner.name}")
+            raise ConfigError(f"{flag(dest)} needs --method {owner.name}")
     if foreign:
-        names = [_flag(dest) for dest in takes]
+        names = [flag(dest) for dest in takes]
         listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-        raise ConfigError(f"--method {chosen.name} takes {listed} only, not {', '.join(map(_flag, foreign))}")
+        takes_what = f"takes {listed} only" if names else "takes no flags"
+        raise ConfigError(f"--method {chosen.name} {takes_what}, not {', '.join(map(flag, foreign))}")
     return chosen.from_flags({dest: v for dest, v in typed.items() if dest in takes})
 
 

@@ -22,7 +22,8 @@ Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
   query row (2*n*n*h*d_qk, the rater rows are data-dependent), the recycling distances among the
   stage's vision tokens (2*v*v*H), and at the first stage the raters' choice (2*V*S*H, once).
 A stage's `merge` part is its method's Method.stage_flops (fastmmoe_compile/methods), and so are the
-experts per vision token (Method.vision_experts). Norms, rotary, softmax and the elementwise work are left out (negligible, per docs/fastmmoe.md).
+experts per vision token (Method.vision_experts).
+Norms, rotary, softmax and the elementwise work are left out (negligible, per docs/fastmmoe.md).
 
 Everything is read from module shapes, so it works on meta-device models.
 

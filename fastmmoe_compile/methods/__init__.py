@@ -1,6 +1,6 @@
 """The methods a configuration can be of, by name (METHODS): FastMMoE and the FastV and SparseVLM
 baselines built in; register(Method()) adds another (tests/test_methods.py adds one)."""
-from .base import METHODS, Config, Method, StageDims, apply_passes, method_of, register
+from .base import METHODS, Config, Method, StageDims, apply_passes, flag, method_of, register
 from .fastmmoe import FastMMoE
 from .fastv import FastV
 from .sparsevlm import SparseVLM
@@ -9,4 +9,4 @@ for _method in (FastMMoE(), FastV(), SparseVLM()):
     register(_method)
 
 __all__ = ["METHODS", "Config", "FastMMoE", "FastV", "Method", "SparseVLM", "StageDims", "apply_passes",
-           "method_of", "register"]
+           "flag", "method_of", "register"]

@@ -35,7 +35,11 @@ class StageDims:
 
 class Method:
     """One method. Subclasses set the class attributes and override what differs from the defaults
-    (no passes, every expert for vision tokens, stages of no extra FLOPs, no flags of its own)."""
+    (no passes, every expert for vision tokens, stages of no extra FLOPs, no flags of its own).
+
+    config_class is a dataclass with check_model(num_layers, top_k) (ConfigError before any export),
+    stages() (each with .layer and .vision_after(num_vision), the graph's own count: flops reads it)
+    and to_dict() (the engine manifest's "config")."""
 
     name: str  # --method NAME
     label: str  # its name in reports ("FastV")
@@ -77,6 +81,11 @@ class Method:
 
     def check_backend(self, config: Config, backend: str) -> None:
         """Raise lower.backends.BackendError where `backend` cannot lower `config`."""
+
+
+def flag(dest: str) -> str:
+    """The command-line flag of an argparse dest (or of a config field of that name): --dashed-dest."""
+    return "--" + dest.replace("_", "-")
 
 
 METHODS: dict[str, Method] = {}  # by name; --method's choices, in this order

@@ -9,7 +9,7 @@ from ..config import CONFIG_PRESETS, MERGE_METHODS, STRATEGIES, ConfigError, Fas
 from ..lower.backends import BackendError
 from ..passes import GraphPass, ModalityTopK
 from ..passes.token_reduction import TokenReduction
-from .base import Method, StageDims
+from .base import Method, StageDims, flag
 
 _LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
               "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
@@ -41,20 +41,20 @@ class FastMMoE(Method):
     def add_flag_group(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("FastMMoE configuration (defaults: docs/fastmmoe.md section 3)")
         for f in config_fields():
-            flag = "--" + f.name.replace("_", "-")
+            option = flag(f.name)
             if f.name in _LIST_HELP:
-                group.add_argument(flag, type=str, default=None, help=f"{_LIST_HELP[f.name]} (default: {f.default})")
+                group.add_argument(option, type=str, default=None, help=f"{_LIST_HELP[f.name]} (default: {f.default})")
             elif f.name == "vision_topk":
-                group.add_argument(flag, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
+                group.add_argument(option, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
             elif f.name == "authors_compat":
-                group.add_argument(flag, action="store_const", const=True, default=None,
+                group.add_argument(option, action="store_const", const=True, default=None,
                                    help="the authors' released code's stage counts and window padding "
                                         "(docs/fastmmoe.md 2.11; default: off, our semantics)")
             elif f.name in ("strategy", "merge_method"):
                 choices = STRATEGIES if f.name == "strategy" else MERGE_METHODS
-                group.add_argument(flag, choices=choices, default=None, help=f"(default: {f.default})")
+                group.add_argument(option, choices=choices, default=None, help=f"(default: {f.default})")
             else:
-                group.add_argument(flag, type=type(f.default), default=None, help=f"(default: {f.default})")
+                group.add_argument(option, type=type(f.default), default=None, help=f"(default: {f.default})")
 
     def from_flags(self, typed: dict) -> FastMMoEConfig:
         """The configuration of the typed flags (over the preset's). No flag is silently ignored: one
@@ -65,7 +65,7 @@ class FastMMoE(Method):
         def refuse(fields, why):
             for name in fields:
                 if name in typed:
-                    raise ConfigError(f"{_flag(name)} {why}")
+                    raise ConfigError(f"{flag(name)} {why}")
 
         layers = typed.get("merge_layers", CONFIG_PRESETS[preset]["merge_layers"] if preset else ())
         if not FastMMoEConfig(merge_layers=layers).merge_layers:
@@ -107,7 +107,3 @@ class FastMMoE(Method):
             # graph did not finish in 15 minutes on a tiny model, so it is refused rather than left to hang.
             raise BackendError("--authors-compat is not supported by --backend onnx; use --backend inductor or "
                                "export")
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
