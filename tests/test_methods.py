@@ -12,7 +12,8 @@ from fastmmoe_compile import flops
 from fastmmoe_compile.api import rewrite
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.config import ConfigError, FastMMoEConfig, MergeStage
-from fastmmoe_compile.methods import METHODS, Method, method_of
+from fastmmoe_compile.export import export_backbone
+from fastmmoe_compile.methods import METHODS, Method, apply_passes, method_of
 from fastmmoe_compile.models import load_model
 from fastmmoe_compile.passes.token_reduction import TokenReduction
 
@@ -99,6 +100,8 @@ def test_vision_topk_above_k_is_one_answer_everywhere():
         rewrite(loaded, config)
     with pytest.raises(ConfigError, match=r"vision_topk=6 exceeds the model's top-k \(4\)"):
         flops.analytic_flops(loaded, config, 10, 40)
+    with pytest.raises(ConfigError, match=r"vision_topk=6 exceeds the model's top-k \(4\)"):
+        apply_passes(export_backbone(loaded), config)  # without check_model: the pass asks kv() too
 
 
 def test_flops_json_names_the_method(halve, capsys):
