@@ -121,7 +121,7 @@ def preflight(preset: str, layers: int | None = None, device: str = "cuda") -> d
     from fastmmoe_compile.config import config_preset
     from fastmmoe_compile.export import export_backbone
     from fastmmoe_compile.export.decode import export_decode
-    from fastmmoe_compile.passes import apply_passes
+    from fastmmoe_compile.methods import apply_passes
 
     seconds, programs = {}, {}
     t = time.perf_counter()

@@ -484,7 +484,7 @@ def time_plan(args) -> dict:
     build, fake_on = preflight.build, preflight.fake_on
     from fastmmoe_compile.export import export_backbone
     from fastmmoe_compile.export.decode import export_decode
-    from fastmmoe_compile.passes import apply_passes
+    from fastmmoe_compile.methods import apply_passes
     from fastmmoe_compile.torch_compat import copy_program
 
     seconds = {}

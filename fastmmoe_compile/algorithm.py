@@ -11,10 +11,8 @@ import math
 import torch
 
 
-def vision_topk(top_k: int, ratio: float, explicit: int | None = None) -> int:
-    """Kv = max(1, floor(K * rho)), or the explicit value (clamped to K)."""
-    if explicit is not None:
-        return max(1, min(int(explicit), top_k))
+def vision_topk(top_k: int, ratio: float) -> int:
+    """Kv = max(1, floor(K * rho)), at most K (an explicit Kv is FastMMoEConfig.kv's)."""
     # The epsilon keeps floor(8 * 0.5) == 4 even if ratio arrives as 0.49999999.
     return max(1, min(top_k, math.floor(top_k * ratio + 1e-9)))
 
@@ -147,6 +145,15 @@ def compat_vision_after_stage(num_vision, ratio_q: int, merge_ratio_q: int, wind
     return num_vision + active * (kept + m - num_vision)
 
 
+def merge_vision_after(num_vision, ratio_q: int, merge_ratio_q: int, window: int, compat: bool):
+    """The vision tokens a merge stage leaves: ours (vision_after_stage) or, with compat, the authors'
+    (compat_vision_after_stage). The one place the count's fork is chosen: the kernel (merge_stage) and
+    the stage's description (config.MergeStage.vision_after, which the FLOPs count reads) both call it."""
+    if compat:
+        return compat_vision_after_stage(num_vision, ratio_q, merge_ratio_q, window)
+    return vision_after_stage(num_vision, ratio_q)
+
+
 def combine_scores(redundancy: torch.Tensor, attention: torch.Tensor, strategy: str, alpha: float) -> torch.Tensor:
     """docs/fastmmoe.md 2.6: a window's merge score from its routing redundancy and its (normalised) attention."""
     if strategy == "hybrid":
@@ -215,11 +222,10 @@ def merge_stage(hidden, probs, attn, vision, ratio_q: int, merge_ratio_q: int, w
     n_t = torch.ones_like(vision[0]).sum()  # N as a tensor
     target = ((n_t * ratio_q) // RATIO_SCALE).clamp_min(1)
     merged_count = torch.minimum((target * merge_ratio_q) // RATIO_SCALE, (n_t + window - 1) // window - 1)
+    new_n = merge_vision_after(n, ratio_q, merge_ratio_q, window, compat)
     if compat:
-        new_n = compat_vision_after_stage(n, ratio_q, merge_ratio_q, window)
         merged_count = torch.where(n_t > target, merged_count.clamp_min(0), 0)
     else:
-        new_n = vision_after_stage(n, ratio_q)
         merged_count = torch.minimum(merged_count, (n_t - target).clamp_min(0) // (window - 1)).clamp_min(0)
 
     p = torch.gather(probs, 1, vision[..., None].expand(batch, n, probs.shape[-1]))

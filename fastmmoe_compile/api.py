@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import FastMMoEConfig, FastVConfig, SparseVLMConfig
+from .config import FastMMoEConfig
 from .errors import ShapeOnlyModelError
 from .export import export_backbone
-from .lower.backends import BACKENDS, Backend, BackendError, get_backend, vision_backend
+from .lower.backends import BACKENDS, Backend, get_backend, vision_backend
 from .lower.weights import WEIGHTS_FILE, SharedWeights
 from .models import LoadedModel, load_model
+from .methods import Config, apply_passes, method_of
 from .models.registry import check_model_name
-from .passes import PassRecord, apply_passes
+from .passes import PassRecord
 from .runtime.device import DEFAULT_DTYPE, DeviceError, on_device, require_device
 from .runtime.engine import EMBEDDINGS_FILE, Engine, load_engine
 from .runtime.manifest import atomic_directory, check_out, current_umask, write_manifest
@@ -36,9 +37,10 @@ def step(name: str, quiet: bool = False):
         print(f"[fastmmoe] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
-def rewrite(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, *, dtype=None,
+def rewrite(model_or_path, config: Config | None = None, *, dtype=None,
             quiet: bool = True, cache: bool = False, device=None, weights: bool = True):
-    """Load, export and run the passes: (LoadedModel, rewritten ExportedProgram, PassRecord).
+    """Load, export and run the passes of `config` (a registered method's configuration, methods.METHODS;
+    None: FastMMoEConfig()): (LoadedModel, rewritten ExportedProgram, PassRecord).
     With cache=True the program also returns every layer's KV cache (export/decode.py).
     device: where the weights go (load_model); the program is exported there.
     weights=False: a checkpoint dir with only a config.json is built on the meta device (load_model)."""
@@ -85,11 +87,12 @@ def engine_in_process(loaded: LoadedModel, program, record: PassRecord, config, 
     """The engine compile_model(loaded, config, out=None, backend=backend) returns, built from a program
     already rewritten for `config` (rewrite_each): only the decode step (decode=True) is exported here."""
     device = target_device(loaded, None, backend)
+    method_of(config).check_backend(config, backend)
     table = loaded.family.decoder(loaded.lm).embed_tokens.weight.detach()
     return _in_process(loaded, program, get_backend(backend), config, record, table.cpu(), quiet, decode, device)
 
 
-def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVLMConfig | None = None, out: str | os.PathLike | None = None, *,
+def compile_model(model_or_path, config: Config | None = None, out: str | os.PathLike | None = None, *,
                   backend: str = "inductor", dtype: torch.dtype | None = None, overwrite: bool = False,
                   quiet: bool = False, decode: bool = True, device: str | torch.device | None = None) -> Engine:
     """Compile a Hugging Face MoE model with FastMMoE. With `out`, write and load an engine dir;
@@ -112,10 +115,7 @@ def compile_model(model_or_path, config: FastMMoEConfig | FastVConfig | SparseVL
     if out is not None:
         check_out(out, overwrite)
     config = config or FastMMoEConfig()
-    if backend.name == "onnx" and getattr(config, "authors_compat", False):
-        # Its token counts are unbacked sizes in the graph (ops.merge_tokens); the ONNX export of that
-        # graph did not finish in 15 minutes on a tiny model, so it is refused rather than left to hang.
-        raise BackendError("--authors-compat is not supported by --backend onnx; use --backend inductor or export")
+    method_of(config).check_backend(config, backend.name)
     choice = choose_dtype(model_or_path, dtype, device, backend.name)  # warns here, before the minutes of work
     with _users_model_kept(model_or_path):
         return _compile(model_or_path, config, out, backend, choice, overwrite, quiet, decode, device)
@@ -359,7 +359,7 @@ def _write_program(program, backend: Backend, tmp: Path, role: str, quiet: bool,
     return {"file": name, **extra}
 
 
-def _manifest(loaded: LoadedModel, config: FastMMoEConfig | FastVConfig | SparseVLMConfig, record: PassRecord, backend: str,
+def _manifest(loaded: LoadedModel, config: Config, record: PassRecord, backend: str,
               programs: dict | None, device: str, choice: DtypeChoice | None = None) -> dict:
     """What load_engine reads: backend, each role's program file, device and dtype, the model's
     facts; also why that dtype ("dtype_reason") and, for a CPU engine, the compiling CPU's bf16

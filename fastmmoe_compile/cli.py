@@ -29,112 +29,52 @@ import sys
 import threading
 import warnings
 
-from .config import (
-    CONFIG_PRESETS, ConfigError, FastMMoEConfig, FastVConfig, SparseVLMConfig, config_fields, config_preset,
-)
+from .config import CONFIG_PRESETS, ConfigError
 from .errors import UserInputError
 from .lower.backends import backend_names
+from .methods import METHODS, flag
 
 SUBCOMMANDS = ("compile", "diff", "flops", "presets", "inspect", "run", "bench", "serve", "env")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-_LIST_HELP = {"merge_layers": "decoder layers that merge vision tokens, comma-separated, e.g. 5,8,12",
-              "stage_ratios": "vision tokens each merge stage keeps, comma-separated, e.g. 0.91,0.91,0.91 "
-                              "(instead of --keep-ratio)"}
-# Flags of token merging: they act only where merge layers are set (--merge-layers or --preset).
-_MERGE_ONLY = ("keep_ratio", "stage_ratios", "merge_ratio", "window", "alpha", "strategy", "merge_method",
-               "authors_compat")
-_FLAGS = {"prune_layer": "--fastv-layer", "prune_layers": "--sparsevlm-layers"}  # baseline fields, by flag
+_DEFAULT_METHOD = "fastmmoe"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=("fastmmoe", "fastv", "sparsevlm"), default="fastmmoe",
-                        help="fastmmoe (default), or the FastV baseline (--fastv-layer, --keep-ratio), or the "
-                             "SparseVLM baseline (--sparsevlm-layers, --keep-ratio)")
-    parser.add_argument("--preset", choices=sorted(CONFIG_PRESETS), default=None,
-                        help="the authors' settings for a model (docs/fastmmoe.md section 3); explicit flags override")
-    parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
-    parser.add_argument("--sparsevlm-layers", type=str, default=None,
-                        help="SparseVLM: the layers that prune, comma-separated (default: 2,6,15, the paper's)")
-    group = parser.add_argument_group("FastMMoE configuration (defaults: docs/fastmmoe.md section 3)")
-    for f in config_fields():
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in _LIST_HELP:
-            group.add_argument(flag, type=str, default=None, help=f"{_LIST_HELP[f.name]} (default: {f.default})")
-        elif f.name == "vision_topk":
-            group.add_argument(flag, type=int, default=None, help="explicit Kv (overrides --vision-expert-ratio)")
-        elif f.name == "authors_compat":
-            group.add_argument(flag, action="store_const", const=True, default=None,
-                               help="the authors' released code's stage counts and window padding "
-                                    "(docs/fastmmoe.md 2.11; default: off, our semantics)")
-        elif f.name in ("strategy", "merge_method"):
-            choices = ("hybrid", "routing", "attention") if f.name == "strategy" else ("mlerp", "mean")
-            group.add_argument(flag, choices=choices, default=None, help=f"(default: {f.default})")
-        else:
-            group.add_argument(flag, type=type(f.default), default=None, help=f"(default: {f.default})")
-
-
-def _flag(field: str) -> str:
-    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+    """--method, then each registered method's own flags (methods.Method.add_flags, add_flag_group)."""
+    parser.add_argument("--method", choices=tuple(METHODS), default=_DEFAULT_METHOD,
+                        help=", or ".join(method.help for method in METHODS.values()))
+    for method in METHODS.values():
+        method.add_flags(parser)
+    for method in METHODS.values():
+        method.add_flag_group(parser)
 
 
 def _as_flags(message: str) -> str:
     """A config error names dataclass fields (keep_ratio=0); the user typed flags (--keep-ratio 0)."""
-    names = [f.name for f in config_fields()] + list(_FLAGS)
-    return re.sub(rf"(?<![\w-])({'|'.join(names)})\b(=?)",
-                  lambda m: _flag(m.group(1)) + (" " if m.group(2) else ""), message)
+    flags = {method.field_of(dest): flag(dest) for method in METHODS.values() for dest in method.flags
+             if method.field_of(dest) is not None}
+    return re.sub(rf"(?<![\w-])({'|'.join(flags)})\b(=?)",
+                  lambda m: flags[m.group(1)] + (" " if m.group(2) else ""), message)
 
 
-def _config_from(args) -> FastMMoEConfig | FastVConfig | SparseVLMConfig:
-    typed = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
-    if args.method == "sparsevlm":
-        extra = [_flag(n) for n in typed if n != "keep_ratio"] + (["--preset"] if args.preset else []) \
-            + (["--fastv-layer"] if args.fastv_layer is not None else [])
-        if extra:
-            raise ConfigError(f"--method sparsevlm takes --sparsevlm-layers and --keep-ratio only, not {', '.join(extra)}")
-        layers = {} if args.sparsevlm_layers is None else {"prune_layers": args.sparsevlm_layers}
-        return SparseVLMConfig(**layers, keep_ratio=typed.get("keep_ratio", 0.5))
-    if args.sparsevlm_layers is not None:
-        raise ConfigError("--sparsevlm-layers needs --method sparsevlm")
-    if args.method == "fastv":
-        extra = [_flag(n) for n in typed if n != "keep_ratio"] + (["--preset"] if args.preset else [])
-        if extra:
-            raise ConfigError(f"--method fastv takes --fastv-layer and --keep-ratio only, not {', '.join(extra)}")
-        return FastVConfig(prune_layer=2 if args.fastv_layer is None else args.fastv_layer,
-                           keep_ratio=typed.get("keep_ratio", 0.5))
-    if args.fastv_layer is not None:
-        raise ConfigError("--fastv-layer needs --method fastv")
-    return _fastmmoe_config(typed, args.preset)
-
-
-def _fastmmoe_config(typed: dict, preset: str | None) -> FastMMoEConfig:
-    """The configuration of the typed flags (over the preset's). No flag is silently ignored:
-    one this configuration would not use is an error that says why."""
-    def refuse(fields, why):
-        for name in fields:
-            if name in typed:
-                raise ConfigError(f"{_flag(name)} {why}")
-
-    layers = typed.get("merge_layers", CONFIG_PRESETS[preset]["merge_layers"] if preset else ())
-    if not FastMMoEConfig(merge_layers=layers).merge_layers:
-        refuse(_MERGE_ONLY, "needs --merge-layers or --preset: token merging runs only at merge layers")
-    if "stage_ratios" in typed:
-        refuse(["keep_ratio"], "and --stage-ratios both set the stages' ratios: pass one of them")
-    if "vision_topk" in typed:
-        refuse(["vision_expert_ratio"], "and --vision-topk both set Kv: pass one of them")
-    c = config_preset(preset, **typed) if preset else FastMMoEConfig(**typed)  # its own range checks first
-    from .algorithm import stage_ratios
-
-    if c.merge_layers and all(r >= 1 for r in stage_ratios(c.keep_ratio, len(c.merge_layers), c.stage_ratios)):
-        refuse(("merge_layers", "merge_ratio", "window", "alpha", "strategy", "merge_method"),
-               "has no effect while every stage keeps all vision tokens (--keep-ratio 1, the default without "
-               "--preset): pass --keep-ratio below 1 or --stage-ratios")
-    if c.vision_topk is None and c.vision_expert_ratio >= 1:
-        refuse(["reduce_from_layer"], "has no effect with --vision-expert-ratio 1: vision tokens keep every expert")
-    if c.strategy != "hybrid":
-        refuse(["alpha"], f"weighs the scores of --strategy hybrid only, not of --strategy {c.strategy}")
-    if c.merge_ratio == 0:
-        refuse(["window", "merge_method", "alpha"], "has no effect with --merge-ratio 0: no windows are merged")
-    return c
+def _config_from(args):
+    """The configuration of --method from the flags typed. A flag of another method is an error:
+    "needs --method X" where X owns it, else "--method M takes ... only" (the flags M reads)."""
+    chosen = METHODS[args.method]
+    typed = {dest: getattr(args, dest) for method in METHODS.values() for dest in method.flags
+             if getattr(args, dest) is not None}
+    takes = chosen.flags + chosen.shared_flags
+    foreign = [dest for dest in typed if dest not in takes]
+    for dest in foreign:
+        owner = next(method for method in METHODS.values() if dest in method.flags)
+        if owner.name != _DEFAULT_METHOD:
+            raise ConfigError(f"{flag(dest)} needs --method {owner.name}")
+    if foreign:
+        names = [flag(dest) for dest in takes]
+        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        takes_what = f"takes {listed} only" if names else "takes no flags"
+        raise ConfigError(f"--method {chosen.name} {takes_what}, not {', '.join(map(flag, foreign))}")
+    return chosen.from_flags({dest: v for dest, v in typed.items() if dest in takes})
 
 
 class CliError(UserInputError):
@@ -476,6 +416,7 @@ def _flops(args) -> int:
         raise CliError(f"--text-tokens must be >= 1 and --vision-tokens >= 0, got {args.text_tokens} and "
                        f"{args.vision_tokens}")
     from .flops import analytic_flops
+    from .methods import method_of
     from .models import load_model
     from .models.presets import PRESETS
 
@@ -500,7 +441,7 @@ def _flops(args) -> int:
         return 0
     print(f"workload: {args.text_tokens} text + {args.vision_tokens} vision tokens, batch 1, prefill "
           f"(attention counted on the full S x S matrix)\n")
-    print(f"## {dict(fastv='FastV', sparsevlm='SparseVLM').get(config.to_dict().get('method'), 'FastMMoE')}\n")
+    print(f"## {method_of(config).label}\n")
     print(fast.table())
     unit, scale = ("TFLOPs", 1e12) if base.total >= 1e12 else ("GFLOPs", 1e9)
     print(f"\nbaseline {base.total / scale:.3f} {unit} -> {fast.total / scale:.3f} {unit}: "

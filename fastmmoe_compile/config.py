@@ -38,12 +38,10 @@ class MergeStage:
 
     def vision_after(self, num_vision):
         """Vision tokens this stage leaves from `num_vision` (ints or SymInts), as the graph computes it."""
-        from .algorithm import compat_vision_after_stage, ratio_units, vision_after_stage
+        from .algorithm import merge_vision_after, ratio_units
 
-        if self.compat:
-            return compat_vision_after_stage(num_vision, ratio_units(self.ratio), ratio_units(self.merge_ratio),
-                                             self.window)
-        return vision_after_stage(num_vision, ratio_units(self.ratio))
+        return merge_vision_after(num_vision, ratio_units(self.ratio), ratio_units(self.merge_ratio), self.window,
+                                  self.compat)
 
 
 @dataclass(frozen=True)
@@ -91,10 +89,14 @@ class FastMMoEConfig:
                f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
 
     def kv(self, top_k: int) -> int:
-        """Kv for a router that picks `top_k` experts (docs/fastmmoe.md section 1: max(1, floor(K * rho)))."""
+        """Kv for a router that picks `top_k` experts (docs/fastmmoe.md section 1: max(1, floor(K * rho)),
+        or vision_topk). ConfigError where vision_topk exceeds top_k: the one place that rule is."""
         from .algorithm import vision_topk
 
-        return vision_topk(top_k, self.vision_expert_ratio, self.vision_topk)
+        if self.vision_topk is None:
+            return vision_topk(top_k, self.vision_expert_ratio)
+        _check(self.vision_topk <= top_k, f"vision_topk={self.vision_topk} exceeds the model's top-k ({top_k})")
+        return self.vision_topk
 
     def check_model(self, num_layers: int, top_k: int) -> None:
         """Checks that need the model: layer indices in range, Kv <= K."""
@@ -103,9 +105,7 @@ class FastMMoEConfig:
                f"decoder layers (0..{num_layers - 1})")
         bad = [layer for layer in self.merge_layers if layer >= num_layers]
         _check(not bad, f"merge_layers {bad} out of range: the model has {num_layers} decoder layers")
-        if self.vision_topk is not None:
-            _check(self.vision_topk <= top_k,
-                   f"vision_topk={self.vision_topk} exceeds the model's top-k ({top_k})")
+        self.kv(top_k)
 
     def stages(self) -> tuple[MergeStage, ...]:
         """The merge stages, one per merge layer, each keeping r = keep_ratio ** (1/n) (or its stage_ratios entry)."""

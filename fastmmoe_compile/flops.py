@@ -21,6 +21,8 @@ Analytic, per decoder layer, for `n` tokens of which `v` are vision tokens:
 - SparseVLM (docs/fastmmoe.md 5.2): the stage's `merge` part is the raters' attention over every
   query row (2*n*n*h*d_qk, the rater rows are data-dependent), the recycling distances among the
   stage's vision tokens (2*v*v*H), and at the first stage the raters' choice (2*V*S*H, once).
+A stage's `merge` part is its method's Method.stage_flops (fastmmoe_compile/methods), and so are the
+experts per vision token (Method.vision_experts).
 Norms, rotary, softmax and the elementwise work are left out (negligible, per docs/fastmmoe.md).
 
 Everything is read from module shapes, so it works on meta-device models.
@@ -36,9 +38,8 @@ from typing import Sequence
 
 import torch
 
-from .config import FastMMoEConfig, FastVConfig, MergeStage, SparseVLMConfig, SparseVLMStage
+from .methods import Config, StageDims, method_of
 
-Config = FastMMoEConfig | FastVConfig | SparseVLMConfig  # the methods one prefill can be counted for
 PARTS = ("attn_proj", "attn_core", "router", "routed", "dense", "merge")
 
 
@@ -107,7 +108,7 @@ def _attention_dims(attn: torch.nn.Module, config) -> tuple[int, int, int]:
     return heads, int(d_qk), int(getattr(attn, "v_head_dim", None) or d_qk)
 
 
-def _stages(config: "Config | None") -> tuple[MergeStage | SparseVLMStage, ...]:
+def _stages(config: "Config | None") -> tuple:
     """The token-reduction stages a config asks for (none for the unmodified model)."""
     return () if config is None else config.stages()
 
@@ -133,8 +134,9 @@ def analytic_flops(loaded, config: "Config | None", text_tokens: int,
                    vision_tokens: int | Sequence[int] | Sequence[tuple[int, int]]) -> FlopsReport:
     """Prefill FLOPs of one sample (batch 1) with `text_tokens` text and some vision tokens.
 
-    config None is the unmodified model; a FastVConfig is the FastV baseline (all K experts
-    for every token). vision_tokens: an int (the merge / pruning stages of `config` then set
+    config None is the unmodified model, else a registered method's configuration (methods.METHODS:
+    its experts per vision token and its stages' own FLOPs). vision_tokens: an int (the merge /
+    pruning stages of `config` then set
     the per-layer counts), or one count per layer, or per layer (count at attention, count
     at the MoE block)."""
     lm, family, cfg = loaded.lm, loaded.family, loaded.config
@@ -149,7 +151,7 @@ def analytic_flops(loaded, config: "Config | None", text_tokens: int,
     moe = dict(family.moe_blocks(lm))
     top_k = family.top_k(cfg)
     stages = {stage.layer: stage for stage in _stages(config)}
-    topkv = isinstance(config, FastMMoEConfig)
+    method = None if config is None else method_of(config)
     width = lm.lm_head.in_features
     report = []
     for i, layer in enumerate(layers):
@@ -160,14 +162,11 @@ def analytic_flops(loaded, config: "Config | None", text_tokens: int,
                          attn_proj=_linear_flops(layer.self_attn, n_attn),
                          attn_core=2 * n_attn * n_attn * heads * (d_qk + d_v))
         block = moe.get(i)
-        if isinstance(stages.get(i), SparseVLMStage):  # every query row's scores, the recycling distances
-            row.merge = 2 * n_attn * n_attn * heads * d_qk + 2 * v_attn * v_attn * width
-            if stages[i].first:  # the raters, once: vision x text relevance over the full prompt
-                row.merge += 2 * sched[0][0] * (text_tokens + sched[0][0]) * width
-        elif i in stages:  # the stage's last-query score row, and the router it clones
-            row.merge = 2 * n_attn * heads * d_qk
-            if stages[i].use_router and block is not None:
-                row.merge += 2 * n_attn * block.gate.weight.shape[1] * block.gate.weight.shape[0]
+        if i in stages:
+            row.merge = method.stage_flops(stages[i], StageDims(
+                tokens=n_attn, vision=v_attn, heads=heads, d_qk=d_qk, hidden=width,
+                router_weights=0 if block is None else block.gate.weight.numel(), text=text_tokens,
+                prompt_vision=sched[0][0]))
         if block is None:
             row.dense = _linear_flops(layer.mlp, n)
         else:
@@ -177,7 +176,7 @@ def analytic_flops(loaded, config: "Config | None", text_tokens: int,
             two_i, h = experts.gate_up_proj.shape[-2:]
             h_down, i_down = experts.down_proj.shape[-2:]
             per_pair = 2 * h * two_i + 2 * i_down * h_down
-            kv = config.kv(top_k) if topkv and i >= config.reduce_from_layer else top_k
+            kv = top_k if method is None else method.vision_experts(config, i, top_k)
             row.k, row.kv = top_k, kv
             row.routed = per_pair * (text_tokens * top_k + v_mlp * kv)
             row.dense = _linear_flops(block, n, skip=(experts, gate))

@@ -12,7 +12,8 @@ from torch.export import Dim
 
 from fastmmoe_compile import ops  # noqa: F401  (registers torch.ops.fastmmoe)
 from fastmmoe_compile.config import FastMMoEConfig, FastVConfig
-from fastmmoe_compile.passes import ModalityTopK, apply_passes, diff, find_routers, summarize
+from fastmmoe_compile.methods import apply_passes
+from fastmmoe_compile.passes import ModalityTopK, diff, find_routers, summarize
 from fastmmoe_compile.passes.base import insert_call
 from fastmmoe_compile.passes.token_reduction import TokenReduction, TokenReductionError
 

@@ -75,7 +75,7 @@ def test_copy_program_rewrites_without_touching_the_original():
     the copy shares its weights (same tensors)."""
     from fastmmoe_compile.export import export_backbone
     from fastmmoe_compile.models import load_model
-    from fastmmoe_compile.passes import apply_passes
+    from fastmmoe_compile.methods import apply_passes
     from fastmmoe_compile.passes.diff import summarize
 
     loaded = load_model("tiny-qwen3-moe")

@@ -154,24 +154,22 @@ class Engine:
         VLM engines: prompts= (one "<image>" per image) and images= instead, as prepare() takes
         them; returns each prompt's answer as text (generation stops at the tokenizer's eos), or
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
-        from .generate import generate
+        from .generate import GenerateParams, generate
         from .sampling import SamplingParams
 
-        max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
-        sampling = SamplingParams(temperature, top_p, top_k, seed, stop or ())
+        params = GenerateParams.of(max_new_tokens, eos_token_id, SamplingParams(temperature, top_p, top_k, seed,
+                                                                                stop or ()))
         if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
                           eos_token_id, *extra_inputs.values()):
-            from .multimodal import generate_text, stream_texts
+            from .multimodal import answer_steps, joined
 
-            if stream:
-                return stream_texts(self, images, prompts, max_new_tokens, chat, sampling)
-            return generate_text(self, images, prompts, max_new_tokens, chat, sampling)
-        if sampling.stop:
+            steps = answer_steps(self, images, prompts, params, chat)
+            return steps if stream else joined(steps)
+        if params.sampling.stop:
             raise EngineInputError("stop strings need the engine's tokenizer: pass prompts= (VLM engines), or "
                                    "stop on token ids with eos_token_id=")
         return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
-                        vision_mask=vision_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        stream=stream, sampling=sampling, **extra_inputs)
+                        vision_mask=vision_mask, params=params, stream=stream, **extra_inputs)
 
 
 def _prompts_given(images, prompts, *tensor_inputs) -> bool:

@@ -19,10 +19,28 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import UserInputError
 from . import inputs
+from .sampling import GREEDY, SamplingParams
 
 
 class DecodeUnavailableError(UserInputError, RuntimeError):
     """The engine has no decode program, or the prefill result carries no KV cache."""
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """What a generate call asks for besides its inputs, checked once (GenerateParams.of) and passed
+    down as one value: max_new_tokens >= 1, the eos token ids, the sampling settings."""
+
+    max_new_tokens: int
+    eos: frozenset = frozenset()
+    sampling: SamplingParams = GREEDY
+
+    @classmethod
+    def of(cls, max_new_tokens, eos_token_id=None, sampling: SamplingParams | None = None) -> "GenerateParams":
+        """EngineInputError for a max_new_tokens that is no int >= 1, or an eos_token_id that is no
+        token id or list of them."""
+        return cls(inputs.positive_int("max_new_tokens", max_new_tokens),
+                   inputs.token_id_set("eos_token_id", eos_token_id), sampling or GREEDY)
 
 
 @dataclass
@@ -144,13 +162,10 @@ def _row(result, j):
                         None if result.next_positions is None else result.next_positions[j:j + 1])
 
 
-def greedy(engine, samples, max_new_tokens: int, eos_token_id=None, sampler=None) -> Iterator[list]:
+def greedy(engine, samples, params: GenerateParams, sampler=None) -> Iterator[list]:
     """Yield, per step, each sample's new token (None once the sample has ended with eos).
     sampler: a runtime.sampling.Sampler (logits [B, V] -> tokens [B]); None is argmax."""
-    max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
-    if engine.decode_step is None and max_new_tokens > 1:
-        raise DecodeUnavailableError(engine.no_decode_message())
-    eos = inputs.token_id_set("eos_token_id", eos_token_id)
+    max_new_tokens, eos = params.max_new_tokens, params.eos
     logits, state = prefill_samples(engine, samples, max_new_tokens)
     done = [False] * len(samples)
     for step in range(max_new_tokens):
@@ -164,24 +179,21 @@ def greedy(engine, samples, max_new_tokens: int, eos_token_id=None, sampler=None
 
 
 def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-             max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, sampling=None, **extra_inputs):
-    """Engine.generate's tensor forms; sampling: a runtime.sampling.SamplingParams for every sample
-    (None or temperature 0: greedy). Every input error is raised here, at the call (not at a
-    stream's first step)."""
-    max_new_tokens = inputs.positive_int("max_new_tokens", max_new_tokens)
-    inputs.token_id_set("eos_token_id", eos_token_id)
+             params: GenerateParams, stream: bool = False, **extra_inputs):
+    """Engine.generate's tensor forms, as `params` says (the same sampling for every sample). Every
+    input error is raised here, at the call (not at a stream's first step)."""
     samples = inputs.sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, extra_inputs)
-    if engine.embeddings is None and max_new_tokens > 1:
+    if engine.embeddings is None and params.max_new_tokens > 1:
         raise inputs.EngineInputError("this engine was built without its token embeddings: it cannot feed "
                                       "generated tokens back")
-    if engine.decode_step is None and max_new_tokens > 1:
+    if engine.decode_step is None and params.max_new_tokens > 1:
         raise DecodeUnavailableError(engine.no_decode_message())
     sampler = None
-    if sampling is not None and not sampling.argmax_only:
+    if not params.sampling.argmax_only:
         from .sampling import Sampler
 
-        sampler = Sampler([sampling] * len(samples))
-    steps = greedy(engine, samples, max_new_tokens, eos_token_id, sampler)
+        sampler = Sampler([params.sampling] * len(samples))
+    steps = greedy(engine, samples, params, sampler)
     if stream:
         return steps
     tokens = [[] for _ in samples]

@@ -10,7 +10,7 @@ family's front end (runtime/frontends/) named in the manifest's vision.family; t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -190,8 +190,7 @@ def load_front_end(path: Path, manifest: dict, weights: dict | None = None) -> F
 def generate_text(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True, sampling=None) -> list[str]:
     """Answers (decoded text, special tokens dropped) to image + prompt inputs, per prompt: greedy,
     or as `sampling` (a runtime.sampling.SamplingParams, stop strings included) says."""
-    return ["".join(p for p in pieces if p) for pieces in
-            zip(*stream_texts(engine, images, prompts, max_new_tokens, chat, sampling))]
+    return joined(stream_texts(engine, images, prompts, max_new_tokens, chat, sampling))
 
 
 def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool = True, sampling=None):
@@ -199,15 +198,26 @@ def stream_texts(engine, images, prompts, max_new_tokens: int = 32, chat: bool =
     ("" while its text is held back: a multi-byte character or a possible stop string not yet
     complete; None once the prompt has ended). Each prompt's pieces join to its generate_text
     answer. Bad inputs raise here, at the call."""
-    from .sampling import GREEDY
+    from .generate import GenerateParams
 
-    sampling = sampling or GREEDY
+    return answer_steps(engine, images, prompts, GenerateParams.of(max_new_tokens, None, sampling), chat)
+
+
+def answer_steps(engine, images, prompts, params, chat: bool = True):
+    """stream_texts with its settings checked already (a runtime.generate.GenerateParams; generation
+    also ends at the tokenizer's eos)."""
+    from .generate import generate
+
     prepared = engine.prepare(images, prompts, chat=chat)
     tokenizer = engine.front_end.tokenizer
-    steps = engine.generate(**prepared.backbone_inputs(), max_new_tokens=max_new_tokens,
-                            eos_token_id=tokenizer.eos_token_id, stream=True, temperature=sampling.temperature,
-                            top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed)
-    return _texts(tokenizer, steps, len(prepared.input_ids), sampling.stop)
+    eos = params.eos | inputs.token_id_set("eos_token_id", tokenizer.eos_token_id)
+    steps = generate(engine, **prepared.backbone_inputs(), params=replace(params, eos=eos), stream=True)
+    return _texts(tokenizer, steps, len(prepared.input_ids), params.sampling.stop)
+
+
+def joined(steps) -> list[str]:
+    """Each prompt's whole answer from answer_steps' pieces."""
+    return ["".join(p for p in pieces if p) for pieces in zip(*steps)]
 
 
 def _texts(tokenizer, steps, count: int, stop=()):
