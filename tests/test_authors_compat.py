@@ -132,6 +132,21 @@ def test_compat_program_matches_eager_reference():
         assert default_program.module()(embeds, positions)[1].shape[1] < 8 + 36
 
 
+def test_compat_export_engine_saves_and_loads(tmp_path):
+    """The `export` backend writes the compat program and loads it back (its unbacked token counts are in
+    the saved range constraints: before, torch.export.load failed with KeyError: u1): same kept tokens and
+    logits as the program in memory."""
+    from fastmmoe_compile import compile_model, load_engine
+
+    loaded = tiny_model("tiny-qwen3-moe")
+    first = compile_model(loaded, COMPAT, tmp_path / "engine", backend="export", quiet=True, decode=False)
+    embeds, _, positions = compat_prompt(loaded.config.hidden_size)
+    got = load_engine(tmp_path / "engine").prefill(inputs_embeds=embeds, vision_positions=positions)
+    want = first.prefill(inputs_embeds=embeds, vision_positions=positions)
+    assert torch.equal(got.kept_positions, want.kept_positions) and got.kept_positions.shape[1] == 8 + 36
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.aoti("compat mode's unbacked token counts through Inductor's codegen, saved and loaded")
 def test_compat_aoti_engine_prefills_and_generates_as_the_eager_reference(tmp_path):

@@ -120,7 +120,25 @@ def finish(program: ExportedProgram, changed_from: torch.fx.Node | None = None,
     gm.graph.lint()
     gm.recompile()
     refresh_fake_values(gm, changed_from, fresh_until)
+    record_unbacked_ranges(program)
     sync_output_names(program)
+
+
+def record_unbacked_ranges(program: ExportedProgram) -> None:
+    """Give the program's range constraints the value range of every unbacked size its graph's values
+    mention (data-dependent token counts the passes introduced), as torch.export does for its own:
+    without them torch.export.load cannot rebuild those shapes ("KeyError: u1")."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    vals = [n.meta.get("val") for n in program.graph.nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None or mode.shape_env is None:
+        return
+    ranges = mode.shape_env.var_to_range
+    for sym in free_unbacked_symbols([v for v in vals if v is not None]):
+        if sym not in program.range_constraints and sym in ranges:
+            program.range_constraints[sym] = ranges[sym]
 
 
 def snapshot(graph: torch.fx.Graph) -> dict:
