@@ -174,9 +174,11 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | 
     if kv_heads != heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q[:, :, -1:, :], k.transpose(-1, -2)).float() * scale  # [B, H, 1, S]
+    # The last row by narrow(S - 1), not [-1:]: torch 2.11's Inductor cannot lower a slice with a negative
+    # start over an unbacked length (--authors-compat's token counts: KeyError 'unbacked_bindings').
+    scores = torch.matmul(q.narrow(2, q.shape[2] - 1, 1), k.transpose(-1, -2)).float() * scale  # [B, H, 1, S]
     if mask is not None:
-        last = mask[..., -1:, :]
+        last = mask.narrow(-2, mask.shape[-2] - 1, 1)
         scores = scores.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else scores + last.float()
     return scores.softmax(dim=-1).mean(dim=1)[:, 0, :]
 

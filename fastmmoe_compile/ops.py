@@ -100,9 +100,9 @@ def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alp
         # The authors' count is exact in floor divisions too, but nested over stages its expression grows
         # ~60x a stage (100k characters at the second), and shape propagation slows to minutes. An unbacked
         # size, bounded by N, keeps every stage's shape one symbol (its range is saved with the program:
-        # passes.base.record_unbacked_ranges). The default count stays exact: unbacked sizes there lower
-        # three stages in 3 minutes instead of over 11 on torch 2.13, but break AOTInductor's slice
-        # lowering on 2.11, the GPU machines' torch (benchmarks/RESULTS.md).
+        # passes.base.record_unbacked_ranges). The default count stays exact for now: unbacked sizes
+        # there lower three stages in 1-3 minutes instead of over 10 (benchmarks/RESULTS.md), not yet
+        # verified on every torch release.
         ctx = torch.library.get_ctx()
         new_n, new_seq = ctx.new_dynamic_size(), ctx.new_dynamic_size(min=1)
     else:
