@@ -94,19 +94,20 @@ def merge_tokens(hidden: torch.Tensor, probs: torch.Tensor | None, attn: torch.T
 
 @merge_tokens.register_fake
 def _(hidden, probs, attn, vision_positions, ratio_q, merge_ratio_q, window, alpha, strategy, method, compat=False):
+    # A static N gives the exact count. A symbolic N gives unbacked sizes, bound at run time to what the
+    # kernel returns (its count is the exact one): the exact count in floor divisions holds N three
+    # times, so nested over k stages its expression grows as 3^k (the authors' compat count faster), and
+    # at three stages Inductor's size simplification did not finish a tiny model's AOTInductor compile in
+    # 20 minutes; one symbol per stage lowers it in about a minute (benchmarks/RESULTS.md). Their ranges
+    # go into the program's range constraints (passes.base.record_unbacked_ranges). S' >= 1: a stage
+    # keeps a token.
     batch, seq, width = hidden.shape
     n = vision_positions.shape[1]
-    if compat:
-        # The authors' count is exact in floor divisions too, but nested over stages its expression grows
-        # ~60x a stage (100k characters at the second), and shape propagation slows to minutes. An unbacked
-        # size, bounded by N, keeps every stage's shape one symbol (its range is saved with the program:
-        # passes.base.record_unbacked_ranges). The default count stays exact for now: unbacked sizes
-        # there lower three stages in 1-3 minutes instead of over 10 (benchmarks/RESULTS.md), not yet
-        # verified on every torch release.
+    if isinstance(n, torch.SymInt):
         ctx = torch.library.get_ctx()
         new_n, new_seq = ctx.new_dynamic_size(), ctx.new_dynamic_size(min=1)
     else:
-        new_n = algorithm.vision_after_stage(n, ratio_q)
+        new_n = algorithm.merge_vision_after(n, ratio_q, merge_ratio_q, window, compat)
         new_seq = seq - n + new_n
     return (vision_positions.new_empty(batch, new_seq), hidden.new_empty(batch, new_seq, width),
             vision_positions.new_empty(batch, new_n))

@@ -254,6 +254,29 @@ def test_two_stages_and_topkv_through_apply_passes(model, program):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_each_stage_size_is_one_symbol_and_the_program_saves(model, program, tmp_path):
+    """Each merge stage's sizes are one unbacked symbol, bound to what the kernel returns: the exact
+    count in floor divisions holds N three times, so nested over k stages it grows as 3^k, and three
+    stages kept Inductor's size simplification busy for over 20 minutes (benchmarks/RESULTS.md). The
+    symbols' ranges are in the program's range constraints, so it saves and loads (torch.export.load
+    rebuilds every shape from them) and computes what the eager model computes."""
+    config = FastMMoEConfig(reduce_from_layer=1, merge_layers=(1, 2), keep_ratio=0.25)
+    program, _ = apply_passes(program, config)
+    merges = [n for n in program.graph.nodes if n.target == torch.ops.fastmmoe.merge_tokens.default]
+    assert len(merges) == 2
+    for node in merges:
+        keep, hidden, vision = node.meta["val"]
+        for d in (keep.shape[1], hidden.shape[1], vision.shape[1]):
+            assert isinstance(d, torch.SymInt) and d.node.expr.is_Symbol, d
+    torch.export.save(program, tmp_path / "p.pt2")
+    loaded = torch.export.load(tmp_path / "p.pt2")
+    embeds, vision = inputs(seq=30, vision=range(2, 26))
+    logits, kept = run(loaded, embeds, vision)
+    ref_logits, ref_kept = eager(model, embeds, vision, kv=config.kv(TOP_K), reduce_from=1, stages=config.stages())
+    assert torch.equal(kept, ref_kept) and kept.shape[1] < 30
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_fastv(model, program):
     config = FastVConfig(prune_layer=1, keep_ratio=0.5)
     result = TokenReduction(config.stages(), name="fastv")(program)
