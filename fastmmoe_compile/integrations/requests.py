@@ -49,7 +49,7 @@ def continuation_logprob(engine, context: str, continuation: str, images: list,
     ids = engine.front_end.tokenizer(continuation, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("the continuation is empty: there is nothing to score")
-    result = engine.prefill(**prepared.backbone_inputs())
+    result = engine.prefill(samples=prepared.samples)
     state = engine.start_decode(result, len(ids)) if len(ids) > 1 else None
     logits, total, greedy = result.logits, 0.0, True
     for i, token in enumerate(ids):

@@ -18,7 +18,7 @@ import torch
 
 from .. import ops  # noqa: F401  (registers the ops the compiled backbone calls)
 from . import inputs
-from .inputs import EngineInputError, EngineInputTypeError, vision_positions_of  # noqa: F401  (re-exported)
+from .inputs import EngineInputError, EngineInputTypeError, Sample  # noqa: F401  (re-exported)
 from .backends import load_role, load_weights, loader_names
 from .manifest import EngineFormatError, check_integrity, read_manifest
 from .specs import InputSpecError, known_names, known_spec, specs_of
@@ -83,13 +83,14 @@ class Engine:
     def prefill(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None,
                 vision_positions: torch.Tensor | None = None, images=None, prompts=None,
-                chat: bool = True, **extra_inputs) -> PrefillResult:
+                chat: bool = True, samples: list[Sample] | None = None, **extra_inputs) -> PrefillResult:
         """Run the prompt. Vision tokens are marked by a [B, S] bool mask or given as [B, N] positions.
         Engines whose family declares extra backbone inputs (engine.input_specs, runtime/specs.py)
         take them by name, each of its spec's shape (e.g. Qwen3-VL's 3D rotary positions [3, B, S]),
         or give it its absent value (plain positions 0..S-1, or zeros).
-        VLM engines also take prompts= (and images=), see prepare()."""
-        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_mask, vision_positions,
+        VLM engines also take prompts= (and images=), see prepare(). samples=: instead, a list of
+        runtime.inputs.Sample of one shape (S, N), e.g. engine.prepare(...).samples."""
+        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_mask, vision_positions, samples,
                           *extra_inputs.values()):
             prepared = self.prepare(images, prompts, chat=chat)
             if not prepared.batched:
@@ -97,12 +98,13 @@ class Engine:
                                        f"{[len(x) for x in prepared.input_ids]}): one prefill call takes one "
                                        "shape; use generate_text / engine.generate, which batch them, or prefill "
                                        "them one at a time")
-            inputs_embeds, vision_positions = prepared.inputs_embeds, prepared.vision_positions
-            extra_inputs = prepared.extras
-        inputs_embeds, positions, extras = inputs.batch_inputs(self, input_ids, inputs_embeds, vision_mask,
-                                                               vision_positions, extra_inputs)
+            samples = prepared.samples
+        else:
+            samples = inputs.parse(self, input_ids, inputs_embeds, vision_mask, vision_positions, extra_inputs,
+                                   samples=samples, batched=True)
+        inputs_embeds, positions, extras = inputs.stack(self, samples)
         batch, seq = inputs_embeds.shape[:2]
-        logits, kept, *cache = self.backbone(inputs_embeds.to(self.dtype).contiguous(), positions, *extras)
+        logits, kept, *cache = self.backbone(inputs_embeds, positions, *extras)
         pairs = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] if cache else None
         # Decode continues at S, or where an input holds the rotary positions after their largest (HF's rope deltas).
         next_positions = next((n for spec, value in zip(self.input_specs, extras)
@@ -138,16 +140,19 @@ class Engine:
         return decode_step(self.decode_step, state, inputs_embeds.to(self.dtype))
 
     def generate(self, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-                 max_new_tokens: int = 16, eos_token_id=None, stream: bool = False, images=None, prompts=None,
-                 chat: bool = True, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop=None, **extra_inputs):
-        """Greedy generation, or sampling with temperature > 0 (runtime/sampling.py: top_p, top_k,
-        seed; every sample draws with the same seed). stop: strings that end a prompt's answer
-        (prompts= only: they need the tokenizer). Samples: a [B, S] batch or a list of different lengths (ids [S] or
+                 samples: list[Sample] | None = None, max_new_tokens: int = 16, eos_token_id=None,
+                 stream: bool = False, images=None, prompts=None, chat: bool = True, sampling=None, **keywords):
+        """Greedy generation, or sampling as `sampling` says (a runtime.sampling.SamplingParams:
+        temperature > 0, top_p, top_k, seed, stop, presence/frequency penalties; every sample draws
+        with the same seed). Its fields also go as keywords, a shorthand: temperature=0.7, seed=1
+        (SamplingParams' defaults for the rest); sampling= and these keywords together are an
+        EngineInputError. stop: strings that end a prompt's answer (prompts= only: they need the
+        tokenizer). Samples: a [B, S] batch or a list of different lengths (ids [S] or
         embeddings [S, H]), each with its own vision tokens ([N] positions or an [S] mask) and, for
-        engines that take extra inputs (engine.input_specs), each by name as a batch of its spec's
-        shape or a list of per-sample tensors (the shape without B). Samples of equal shapes share
-        one prefill call; all share each decode step.
+        engines that take extra inputs (engine.input_specs), each by name (the other keywords) as a
+        batch of its spec's shape or a list of per-sample tensors (the shape without B); or
+        samples=, a list of runtime.inputs.Sample (engine.prepare(...).samples). Samples of equal
+        shapes share one prefill call; all share each decode step.
         Returns each sample's new tokens (1-D LongTensors, ending at eos), or with stream=True an
         iterator yielding, per step, a list of each sample's new token (None once it has ended).
 
@@ -155,11 +160,11 @@ class Engine:
         them; returns each prompt's answer as text (generation stops at the tokenizer's eos), or
         with stream=True yields per step each prompt's new text piece (runtime.multimodal.stream_texts)."""
         from .generate import GenerateParams, generate
-        from .sampling import SamplingParams
+        from .sampling import sampling_params
 
-        params = GenerateParams.of(max_new_tokens, eos_token_id, SamplingParams(temperature, top_p, top_k, seed,
-                                                                                stop or ()))
-        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask,
+        sampling, extra_inputs = sampling_params(sampling, keywords)
+        params = GenerateParams.of(max_new_tokens, eos_token_id, sampling)
+        if _prompts_given(images, prompts, input_ids, inputs_embeds, vision_positions, vision_mask, samples,
                           eos_token_id, *extra_inputs.values()):
             from .multimodal import answer_steps, joined
 
@@ -168,8 +173,9 @@ class Engine:
         if params.sampling.stop:
             raise EngineInputError("stop strings need the engine's tokenizer: pass prompts= (VLM engines), or "
                                    "stop on token ids with eos_token_id=")
-        return generate(self, input_ids, inputs_embeds=inputs_embeds, vision_positions=vision_positions,
-                        vision_mask=vision_mask, params=params, stream=stream, **extra_inputs)
+        samples = inputs.parse(self, input_ids, inputs_embeds, vision_mask, vision_positions, extra_inputs,
+                               samples=samples)
+        return generate(self, samples, params, stream)
 
 
 def _prompts_given(images, prompts, *tensor_inputs) -> bool:

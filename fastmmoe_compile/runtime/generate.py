@@ -130,23 +130,17 @@ def decode_step(step, state: DecodeState, inputs_embeds: torch.Tensor) -> torch.
 
 # --- greedy generation -----------------------------------------------------------------
 
-def prefill_samples(engine, samples, max_new_tokens: int, results: list | None = None):
-    """Prefill samples grouped by (S, N) (the prefill program needs equal shapes in a batch) and
-    return the first tokens' logits [B, V] and a decode state, both in sample order. `results`,
-    if given, receives each sample's PrefillResult (kept_positions: what token reduction kept)."""
+def prefill_samples(engine, samples: list, max_new_tokens: int, results: list | None = None):
+    """Prefill samples (runtime.inputs.Sample) grouped by shape (S, N) (the prefill program needs
+    equal shapes in a batch) and return the first tokens' logits [B, V] and a decode state, both in
+    sample order. `results`, if given, receives each sample's PrefillResult (kept_positions: what
+    token reduction kept)."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (e, v, _) in enumerate(samples):
-        groups.setdefault((e.shape[0], v.shape[0]), []).append(i)
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.shape, []).append(i)
     per_sample = [None] * len(samples)
     for rows in groups.values():
-        names = samples[rows[0]][2].keys()
-        if any(samples[i][2].keys() != names for i in rows):
-            given = ", ".join(sorted({n for i in rows for n in samples[i][2]}))
-            raise inputs.EngineInputError(f"give {given} for every sample or for none")
-        axes = {spec.name: spec.batch_axis for spec in engine.input_specs}
-        extras = {name: torch.stack([samples[i][2][name] for i in rows], dim=axes[name]) for name in names}
-        result = engine.prefill(inputs_embeds=torch.stack([samples[i][0] for i in rows]),
-                                vision_positions=torch.stack([samples[i][1] for i in rows]), **extras)
+        result = engine.prefill(samples=[samples[i] for i in rows])
         for j, i in enumerate(rows):
             per_sample[i] = _row(result, j)
     if results is not None:
@@ -178,11 +172,9 @@ def greedy(engine, samples, params: GenerateParams, sampler=None) -> Iterator[li
         logits = engine.decode(state, tokens[:, None])
 
 
-def generate(engine, input_ids=None, *, inputs_embeds=None, vision_positions=None, vision_mask=None,
-             params: GenerateParams, stream: bool = False, **extra_inputs):
-    """Engine.generate's tensor forms, as `params` says (the same sampling for every sample). Every
-    input error is raised here, at the call (not at a stream's first step)."""
-    samples = inputs.sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, extra_inputs)
+def generate(engine, samples: list, params: GenerateParams, stream: bool = False):
+    """Engine.generate on parsed samples (runtime.inputs.parse), as `params` says (the same sampling
+    for every sample). Every error is raised here, at the call (not at a stream's first step)."""
     if engine.embeddings is None and params.max_new_tokens > 1:
         raise inputs.EngineInputError("this engine was built without its token embeddings: it cannot feed "
                                       "generated tokens back")

@@ -8,10 +8,12 @@ torch error from inside a program, and never a silent cast (float ids, float mas
 positions are refused, not truncated).
 
 All tensor arguments go through `tensor_arg` (conversion + dtype), then their shape checks:
-- batch_inputs: prefill's batched form ([B, S] ids or [B, S, H] embeddings, [B, S] vision_mask
-  or [B, N] vision_positions, and the extra inputs of the engine's InputSpecs, runtime/specs.py);
-- sample_inputs: generate's forms (a batch, one sample, or a list of samples of different
-  lengths, each with its own vision tokens and extras);
+- parse: the prompt inputs (input_ids or inputs_embeds, vision_mask or vision_positions, and the
+  extra inputs of the engine's InputSpecs, runtime/specs.py), in every form an entry point takes
+  (prefill's one batch; generate's batch, one sample, or list of samples of different lengths),
+  parsed once into one Sample per prompt (embeds [S, H], vision [N] int64, extras without the B
+  axis): the one form prefill (stack: samples of one shape -> its batch), generate, the server
+  (serve/engine_io.py) and lmms-eval (engine.prepare(...).samples) take;
 - step_inputs: decode's one token per sample; prefill_results / positive_int / token_id_set:
   start_decode's and generate's other arguments; prompts_and_images / prompt_token_counts:
   the prompts= forms.
@@ -19,6 +21,7 @@ All tensor arguments go through `tensor_arg` (conversion + dtype), then their sh
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -126,11 +129,17 @@ def exactly_one(input_ids, inputs_embeds) -> None:
         raise EngineInputError("pass exactly one of input_ids or inputs_embeds")
 
 
+def _shaped(name: str, x, kind: str, shape: str, ok) -> torch.Tensor:
+    """`x` as a tensor of `kind` (tensor_arg) for which ok(x) holds, else "{name} must be {shape}"."""
+    x = tensor_arg(name, x, kind, shape)
+    if not ok(x):
+        raise EngineInputError(f"{name} must be {shape}, got {given(x)}")
+    return x
+
+
 def token_ids(engine, name: str, x, shape: str, dims: tuple[int, ...]) -> torch.Tensor:
     """Integer token ids of one of the dims, non-empty, each in [0, vocab)."""
-    x = tensor_arg(name, x, "integer", shape)
-    if x.dim() not in dims:
-        raise EngineInputError(f"{name} must be {shape}, got {given(x)}")
+    x = _shaped(name, x, "integer", shape, lambda t: t.dim() in dims)
     if x.numel() == 0:
         raise EngineInputError(f"{name} is empty ({given(x)}): a prompt needs at least 2 tokens")
     if engine.embeddings is None:
@@ -142,67 +151,165 @@ def token_ids(engine, name: str, x, shape: str, dims: tuple[int, ...]) -> torch.
     return x.to(device=engine.embeddings.device, dtype=torch.long)  # greedy's ids come from a CUDA engine's logits
 
 
-def embeddings(engine, name: str, x, shape: str, dims: int) -> torch.Tensor:
-    """Floating-point embeddings with `dims` dims whose last is the engine's hidden size."""
-    hidden = engine.info["hidden_size"]
-    x = tensor_arg(name, x, "floating-point", shape)
-    if x.dim() != dims or x.shape[-1] != hidden:
-        raise EngineInputError(f"{name} must be {shape}, got {given(x)}")
-    return x
+# --- the samples: every entry point's prompt inputs, parsed once ------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One prompt as the backbone takes it, checked: what parse() makes of every accepted form,
+    what prefill batches (stack), and what generate, the server and lmms-eval pass along.
+
+    embeds: [S, H] floating-point (S >= 2; the caller's dtype, prefill casts to the engine's).
+    vision: [N] int64, strictly increasing in [0, S): the vision tokens (N may be 0).
+    extras: {name: tensor} for each of the engine's input specs (runtime/specs.py), in their order:
+      the spec's shape without the B axis and its dtype; its absent value where none was given.
+    """
+
+    embeds: torch.Tensor
+    vision: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """S."""
+        return int(self.embeds.shape[0])
+
+    @property
+    def vision_tokens(self) -> int:
+        """N."""
+        return int(self.vision.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(S, N): samples of one shape can share a prefill call."""
+        return self.length, self.vision_tokens
 
 
-def batch_inputs(engine, input_ids, inputs_embeds, vision_mask, vision_positions, given_extras: dict):
-    """prefill's inputs -> (inputs_embeds [B, S, H], vision positions [B, N] int64, the backbone's
-    extra inputs). input_ids may also be one sample [S]; given_extras: {name: value} as passed."""
+def parse(engine, input_ids=None, inputs_embeds=None, vision_mask=None, vision_positions=None,
+          extras: dict | None = None, *, samples=None, batched: bool = False) -> list[Sample]:
+    """An entry point's prompt inputs -> its samples, in order.
+
+    batched (prefill's form): ONE batch: input_ids [B, S] (or one sample [S]) or inputs_embeds
+      [B, S, H]; vision_mask [B, S] or vision_positions [B, N] (or [N], the same for every sample);
+      each extra input of its spec's shape (runtime/specs.py). Each is checked as one tensor.
+    not batched (generate's forms): that batch, one sample (ids [S] or embeddings [S, H]) or a list
+      of samples of different lengths, each with its own vision tokens (an [S] mask or [N]
+      positions; None: none) and extra inputs (a batch on the spec's B axis, or a list of
+      per-sample tensors of its shape without B; None: its absent value). Each sample is checked
+      on its own, its errors prefixed "sample i: ".
+    samples: a list of Samples (already parsed: engine.prepare(...).samples, or this function's),
+      passed alone. extras: {name: value} as given; None values count as not given."""
+    if samples is not None:
+        return _given_samples(engine, samples, (input_ids, inputs_embeds, vision_mask, vision_positions), extras)
     exactly_one(input_ids, inputs_embeds)
-    hidden = engine.info["hidden_size"]
-    if input_ids is not None:
-        ids = token_ids(engine, "input_ids", input_ids, "[B, S] (or one sample [S])", (1, 2))
-        inputs_embeds = torch.nn.functional.embedding(ids if ids.dim() == 2 else ids[None], engine.embeddings)
-    else:
-        inputs_embeds = embeddings(engine, "inputs_embeds", inputs_embeds, f"[B, S, {hidden}]", 3)
-    batch, seq = inputs_embeds.shape[:2]
-    if batch < 1:
-        raise EngineInputError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} has no samples (B = 0)")
-    if seq < 2:
-        raise EngineInputError(f"the prompt must have at least 2 tokens, got S = {seq}")
-    positions = vision_positions_of(batch, seq, vision_mask, vision_positions)
-    extras = extra_inputs(engine, batch, seq, given_extras)
-    return inputs_embeds, positions, extras
-
-
-def vision_positions_of(batch: int, seq: int, mask=None, positions=None) -> torch.Tensor:
-    """Validated [B, N] int64 positions from a bool mask [B, S] or integer positions [B, N] (or
-    [N], the same for every sample); N may be 0."""
-    if mask is not None and positions is not None:
+    if vision_mask is not None and vision_positions is not None:
         raise EngineInputError("pass vision_mask or vision_positions, not both")
+    embeds = _prompts(engine, input_ids, inputs_embeds, batched)
+    lengths = [e.shape[0] for e in embeds]
+    vision = _vision(vision_mask, vision_positions, lengths, batched)
+    values = _extras(engine, {k: v for k, v in (extras or {}).items() if v is not None}, lengths, batched)
+    return [Sample(e, v, {name: rows[i] for name, rows in values.items()})
+            for i, (e, v) in enumerate(zip(embeds, vision))]
+
+
+def stack(engine, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """prefill's batch of samples of one shape: (inputs_embeds [B, S, H] in the engine's dtype,
+    vision positions [B, N] int64, the extra inputs in spec order, each with B on its spec's axis)."""
+    lengths = [s.length for s in samples]
+    if len(set(lengths)) > 1:
+        raise EngineInputError(f"one prefill call takes samples of one length, got S = {lengths} "
+                               "(generate batches samples of different lengths)")
+    counts = [s.vision_tokens for s in samples]
+    if len(set(counts)) > 1:
+        raise EngineInputError(f"every sample must have the same number of vision tokens, got {counts} "
+                               "(pad samples to equal image-token counts)")
+    embeds = torch.stack([s.embeds for s in samples]).to(engine.dtype).contiguous()
+    positions = torch.stack([s.vision for s in samples]).contiguous()
+    extras = [torch.stack([s.extras[spec.name] for s in samples], dim=spec.batch_axis).contiguous()
+              for spec in engine.input_specs]
+    return embeds, positions, extras
+
+
+def _given_samples(engine, samples, tensors: tuple, extras: dict | None) -> list[Sample]:
+    """samples= as given: a non-empty list of Samples with this engine's extra inputs, and nothing else."""
+    if any(x is not None for x in tensors) or any(v is not None for v in (extras or {}).values()):
+        raise EngineInputError("pass samples= alone, or input_ids/inputs_embeds with their vision tokens and "
+                               "extra inputs")
+    items = list(samples) if isinstance(samples, (list, tuple)) else []
+    if not items or not all(isinstance(s, Sample) for s in items):
+        raise EngineInputTypeError(f"samples must be a non-empty list of runtime.inputs.Sample (from "
+                                   f"engine.prepare(...).samples or runtime.inputs.parse), got {given(samples)}")
+    names = [spec.name for spec in engine.input_specs]
+    for i, s in enumerate(items):
+        if list(s.extras) != names:
+            raise EngineInputError(f"samples[{i}] holds the extra inputs {list(s.extras)}; this engine takes {names}")
+    return items
+
+
+def _prompts(engine, input_ids, inputs_embeds, batched: bool) -> list[torch.Tensor]:
+    """Each sample's embeddings [S, H] (S >= 2), from its ids or as given."""
+    hidden = engine.info["hidden_size"]
+    ids = input_ids is not None
+    name, value = ("input_ids", input_ids) if ids else ("inputs_embeds", inputs_embeds)
+    if batched:
+        shape, dims = ("[B, S] (or one sample [S])", (1, 2)) if ids else (f"[B, S, {hidden}]", (3,))
+        batch = _prompt(engine, name, value, shape, dims)
+        batch = batch if batch.dim() == 3 else batch[None]
+        if batch.shape[0] < 1:
+            raise EngineInputError(f"{name} has no samples (B = 0)")
+        return list(batch.unbind(0))
+    shape, dims = ("[S] with S >= 2 per sample", (1,)) if ids else (f"[S, {hidden}] per sample", (2,))
+    rows = _split(value, dims[0], name, "integer" if ids else "floating-point")
+    out = []
+    for i, row in enumerate(rows):
+        with _sample(i, len(rows)):
+            out.append(_prompt(engine, name, row, shape, dims))
+    return out
+
+
+def _prompt(engine, name: str, x, shape: str, dims: tuple[int, ...]) -> torch.Tensor:
+    """Checked ids ([..., S]: their embeddings) or embeddings ([..., S, H]) with S >= 2."""
+    if name == "input_ids":
+        x = token_ids(engine, name, x, shape, dims)
+    else:
+        hidden = engine.info["hidden_size"]
+        x = _shaped(name, x, "floating-point", shape, lambda e: e.dim() in dims and e.shape[-1] == hidden)
+    if x.shape[-1 if name == "input_ids" else -2] < 2:
+        raise EngineInputError(f"{name} must be {shape}, got {given(x)}: a prompt needs at least 2 tokens (S >= 2)")
+    return torch.nn.functional.embedding(x, engine.embeddings) if name == "input_ids" else x
+
+
+def _vision(mask, positions, lengths: list[int], batched: bool) -> list[torch.Tensor]:
+    """Each sample's vision positions [N] int64, from a bool mask, positions, or neither (N = 0)."""
+    count, none = len(lengths), torch.zeros(0, dtype=torch.long)
     if mask is not None:
-        shape = f"[B, S] = [{batch}, {seq}]"
-        mask = tensor_arg("vision_mask", mask, "bool", shape)
-        if tuple(mask.shape) != (batch, seq):
-            raise EngineInputError(f"vision_mask must be {shape}, got {given(mask)}")
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise EngineInputError(
-                f"every sample must have the same number of vision tokens, got {counts.tolist()} "
-                "(pad samples to equal image-token counts)"
-            )
-        return mask.nonzero()[:, 1].reshape(batch, int(counts[0])).contiguous()
+        rows = _rows("vision_mask", mask, "bool", lengths, batched,
+                     lambda b, s: (f"[B, S] = [{b}, {s}]", lambda m: tuple(m.shape) == (b, s)),
+                     lambda s: (f"[S] = [{s}] per sample", lambda m: tuple(m.shape) == (s,)), what="vision tokens")
+        return [none if m is None else m.nonzero()[:, 0] for m in rows]
     if positions is None:
-        return torch.zeros(batch, 0, dtype=torch.long)
-    shape = f"[B, N] with B = {batch}"
-    positions = tensor_arg("vision_positions", positions, "integer", shape).to(torch.long)
-    if positions.dim() == 1:
-        positions = positions[None].expand(batch, -1)
-    if positions.dim() != 2 or positions.shape[0] != batch:
-        raise EngineInputError(f"vision_positions must be {shape}, got {given(positions)}")
+        return [none] * count
+    if batched:  # [N]: the same positions for every sample
+        positions = tensor_arg("vision_positions", positions, "integer", f"[B, N] with B = {count}")
+        positions = positions[None].expand(count, -1) if positions.dim() == 1 else positions
+    rows = _rows("vision_positions", positions, "integer", lengths, batched,
+                 lambda b, s: (f"[B, N] with B = {b}", lambda p: p.dim() == 2 and p.shape[0] == b),
+                 lambda s: ("[N] per sample", lambda p: p.dim() == 1 or not p.numel()), what="vision tokens")
+    out = []
+    for i, (p, seq) in enumerate(zip(rows, lengths)):
+        with _sample(i, count):
+            out.append(none if p is None else _in_order(p.reshape(-1).to(torch.long), seq))
+    return out
+
+
+def _in_order(positions: torch.Tensor, seq: int) -> torch.Tensor:
+    """One sample's positions [N]: each in [0, S), strictly increasing."""
     if positions.numel():
         if positions.min() < 0 or positions.max() >= seq:
             raise EngineInputError(f"vision_positions must lie in [0, {seq}), got positions from "
                                    f"{int(positions.min())} to {int(positions.max())}")
-        if (positions[:, 1:] <= positions[:, :-1]).any():
+        if (positions[1:] <= positions[:-1]).any():
             raise EngineInputError("vision_positions must be strictly increasing within each sample")
-    return positions.contiguous()
+    return positions
 
 
 def _refuse_unknown_extras(engine, given_extras: dict) -> None:
@@ -215,96 +322,50 @@ def _refuse_unknown_extras(engine, given_extras: dict) -> None:
             raise error(f"this {engine.info.get('model_type')} engine takes no {name} (its backbone inputs: {takes})")
 
 
-def extra_inputs(engine, batch: int, seq: int, given_extras: dict) -> list[torch.Tensor]:
-    """The backbone's inputs after the vision positions (engine.input_specs), checked or defaulted."""
-    _refuse_unknown_extras(engine, {k: v for k, v in given_extras.items() if v is not None})
-    out = []
+def _extras(engine, given_extras: dict, lengths: list[int], batched: bool) -> dict[str, list[torch.Tensor]]:
+    """Each of the backbone's inputs after the vision positions (engine.input_specs), per sample:
+    checked, or the spec's absent value (a text-only prompt: plain positions, no visual features)."""
+    _refuse_unknown_extras(engine, given_extras)
+    out = {}
     for spec in engine.input_specs:
-        shape, names = spec.shape(batch, seq, engine.info), spec.names()
         value = given_extras.get(spec.name)
-        if value is None:  # a text-only prompt: plain positions, no visual features
-            value = spec.absent_value(batch, seq, engine.info, engine.dtype)
-        value = tensor_arg(spec.name, value, spec.kind, f"{list(shape)} ({names})")
-        if tuple(value.shape) != shape:
-            raise EngineInputError(f"{spec.name} must be {list(shape)} ({names}), got {given(value)}")
-        out.append(value.to(spec.torch_dtype(engine.dtype)).contiguous())
+        rows = [None] * len(lengths) if value is None else \
+            _rows(spec.name, value, spec.kind, lengths, batched, *_spec_shapes(spec, engine.info),
+                  len(spec.dims) - 1, spec.batch_axis)
+        out[spec.name] = [(spec.absent_value(None, s, engine.info, engine.dtype) if x is None else x)
+                          .to(spec.torch_dtype(engine.dtype)) for x, s in zip(rows, lengths)]
     return out
 
 
-# --- generate: one sample or many, of different lengths ------------------------------------
+def _spec_shapes(spec, info: dict):
+    """An extra input's (batch(B, S), row(S)) for _rows: its shape for messages and a test of it."""
+    def batch(b, s):
+        shape = spec.shape(b, s, info)
+        return f"{list(shape)} ({spec.names()})", lambda x: tuple(x.shape) == shape
 
-def sample_inputs(engine, input_ids, inputs_embeds, vision_positions, vision_mask, given_extras: dict) -> list[tuple]:
-    """[(embeds [S, H], vision positions [N], extras {name: per-sample tensor})] from a batch, one
-    sample, or per-sample lists (each extra input: a batch on its spec's B axis, or a list of
-    per-sample tensors of its shape without B)."""
-    exactly_one(input_ids, inputs_embeds)
-    if vision_positions is not None and vision_mask is not None:
-        raise EngineInputError("pass vision_mask or vision_positions, not both")
-    hidden = engine.info["hidden_size"]
-    if input_ids is not None:
-        seqs = _split(input_ids, 1, "input_ids")
-        embeds = []
-        for i, s in enumerate(seqs):
-            with _sample(i, len(seqs)):
-                s = token_ids(engine, "input_ids", s, "[S] with S >= 2 per sample", (1,))
-                if s.numel() < 2:
-                    raise EngineInputError(f"input_ids must be [S] with S >= 2 per sample, got {given(s)}")
-                embeds.append(torch.nn.functional.embedding(s, engine.embeddings))
-    else:
-        samples = _split(inputs_embeds, 2, "inputs_embeds")
-        embeds = []
-        for i, e in enumerate(samples):
-            with _sample(i, len(samples)):
-                e = embeddings(engine, "inputs_embeds", e, f"[S, {hidden}] per sample", 2)
-                if e.shape[0] < 2:
-                    raise EngineInputError(f"the prompt must have at least 2 tokens, got {e.shape[0]}")
-                embeds.append(e)
-    vision = vision_positions if vision_positions is not None else vision_mask
-    name = "vision_mask" if vision_mask is not None else "vision_positions"
-    if vision is None:
-        per_sample = [None] * len(embeds)
-    else:
-        per_sample = _split(vision, 1, name)
-        if len(per_sample) != len(embeds):
-            raise EngineInputError(f"{len(embeds)} samples but vision tokens for {len(per_sample)} ({name})")
+    def row(s):
+        shape = spec.shape(None, s, info)
+        return f"{list(shape)} ({spec.names(per_sample=True)}) per sample", lambda x: tuple(x.shape) == shape
+
+    return batch, row
+
+
+def _rows(name: str, value, kind: str, lengths: list[int], batched: bool, batch, row, dims: int = 1,
+          axis: int = 0, what: str | None = None) -> list:
+    """`value`'s tensor per sample (None where a sample is given none), checked (tensor_arg, then
+    the shape): batched, as ONE tensor, batch(B, S) -> (its shape for messages, a test of it), the
+    samples on `axis`; else split into samples (_split: a batch, one sample of `dims` dims, or a
+    list), each as row(S) says. what: the samples' count's noun in messages (default: name)."""
+    if batched:
+        return list(_shaped(name, value, kind, *batch(len(lengths), lengths[0])).unbind(axis))
+    rows = _split(value, dims, name, kind, axis)
+    if len(rows) != len(lengths):
+        raise EngineInputError(f"{len(lengths)} samples but {what or name} for {len(rows)}"
+                               + (f" ({name})" if what else ""))
     out = []
-    for i, (e, v) in enumerate(zip(embeds, per_sample)):
-        seq = e.shape[0]
-        with _sample(i, len(embeds)):
-            if v is None:
-                positions = vision_positions_of(1, seq)
-            elif vision_mask is not None:
-                v = tensor_arg(name, v, "bool", f"[S] = [{seq}] per sample")
-                if v.dim() != 1:
-                    raise EngineInputError(f"vision_mask must be [S] = [{seq}] per sample, got {given(v)}")
-                positions = vision_positions_of(1, seq, mask=v[None])
-            else:
-                v = tensor_arg(name, v, "integer", "[N] per sample")
-                if v.dim() > 1 and v.numel():
-                    raise EngineInputError(f"vision_positions must be [N] per sample, got {given(v)}")
-                positions = vision_positions_of(1, seq, positions=v.reshape(1, -1))
-        out.append((e, positions[0], {}))
-    given_extras = {k: v for k, v in given_extras.items() if v is not None}
-    _refuse_unknown_extras(engine, given_extras)
-    for spec in engine.input_specs:
-        name, value = spec.name, given_extras.get(spec.name)
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):  # a batch: samples on the spec's B axis
-            rows = list(value.unbind(spec.batch_axis)) if value.dim() > spec.batch_axis else [value]
-        elif isinstance(value, (list, tuple)):
-            rows = list(value)
-        else:
-            raise EngineInputTypeError(f"{name} must be a tensor or a list of per-sample tensors, got {given(value)}")
-        if len(rows) != len(out):
-            raise EngineInputError(f"{len(out)} samples but {name} for {len(rows)}")
-        for i, ((e, _, extras), row) in enumerate(zip(out, rows)):
-            shape, names = spec.shape(None, e.shape[0], engine.info), spec.names(per_sample=True)
-            with _sample(i, len(out)):
-                row = tensor_arg(name, row, spec.kind, f"{list(shape)} ({names}) per sample")
-                if tuple(row.shape) != shape:
-                    raise EngineInputError(f"{name} must be {list(shape)} ({names}) per sample, got {given(row)}")
-            extras[name] = row
+    for i, (x, seq) in enumerate(zip(rows, lengths)):
+        with _sample(i, len(rows)):
+            out.append(None if x is None else _shaped(name, x, kind, *row(seq)))
     return out
 
 
@@ -323,18 +384,18 @@ class _sample:
         return False
 
 
-def _split(x, sample_dims: int, name: str) -> list:
-    """A batched tensor (sample_dims + 1 dims), one sample (sample_dims dims), or a list of samples."""
+def _split(x, sample_dims: int, name: str, kind: str, axis: int = 0) -> list:
+    """A batch (sample_dims + 1 dims, the samples on `axis`), one sample (sample_dims dims), or a
+    list of samples."""
     if hasattr(x, "shape") and not isinstance(x, torch.Tensor):  # a numpy array
-        kind = {"inputs_embeds": "floating-point", "vision_mask": "bool"}.get(name, "integer")
         x = tensor_arg(name, x, kind, "(a batch, one sample, or a list of samples)")
     if isinstance(x, torch.Tensor):
         if x.dim() == sample_dims:
             return [x]
         if x.dim() == sample_dims + 1:
-            if x.shape[0] == 0:
+            if x.shape[axis] == 0:
                 raise EngineInputError(f"{name} has no samples ({given(x)})")
-            return list(x.unbind(0))
+            return list(x.unbind(axis))
         raise EngineInputError(f"{name} must be a {sample_dims + 1}-D batch, a {sample_dims}-D sample or a list "
                                f"of samples, got {given(x)}")
     if isinstance(x, (list, tuple)):

@@ -30,7 +30,9 @@ PROCESSOR_DIR = "processor"  # tokenizer, chat template and image processor file
 class Prepared:
     """The backbone's inputs for a batch of prompts. When every sample has the same length and
     image-token count they are batched tensors ([B, ...]); otherwise per-sample lists (the batch
-    dimension dropped), which generate() takes as they are and prefill() refuses."""
+    dimension dropped), which generate() takes as they are and prefill() refuses. samples: the
+    same inputs parsed, one runtime.inputs.Sample per prompt (what prefill, generate and the
+    server run)."""
 
     input_ids: torch.Tensor | list  # [B, S]
     inputs_embeds: torch.Tensor | list  # [B, S, H]
@@ -38,6 +40,7 @@ class Prepared:
     pixel_values: torch.Tensor | None  # every image's pixel input (tiles [T, 3, h, w], or patches), in prompt order
     tiles_per_image: list[list[int]]  # per sample, per image
     extras: dict = field(default_factory=dict)  # the engine's extra backbone inputs (runtime/specs.py), by name
+    samples: list = field(default_factory=list)  # [runtime.inputs.Sample], one per prompt
 
     @property
     def batched(self) -> bool:
@@ -122,11 +125,12 @@ class FrontEnd:
         extras = {spec.name: [self.family.sample_input(spec, batch, i) for i in range(len(ids))]
                   for spec in engine.input_specs}
         positions = [m.nonzero()[:, 0] for m in masks]
-        prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles, extras)
-        if len({x.shape[0] for x in ids}) == 1 and len({p.shape[0] for p in positions}) == 1:
+        samples = inputs.parse(engine, inputs_embeds=embeds, vision_positions=positions, extras=extras)
+        prepared = Prepared(ids, embeds, positions, pixel_values, per_sample_tiles, extras, samples)
+        if len({s.shape for s in samples}) == 1:
             prepared = Prepared(torch.stack(ids), torch.stack(embeds), torch.stack(positions), pixel_values,
                                 per_sample_tiles, {spec.name: torch.stack(extras[spec.name], dim=spec.batch_axis)
-                                                   for spec in engine.input_specs})
+                                                   for spec in engine.input_specs}, samples)
         return prepared
 
 
@@ -211,8 +215,8 @@ def answer_steps(engine, images, prompts, params, chat: bool = True):
     prepared = engine.prepare(images, prompts, chat=chat)
     tokenizer = engine.front_end.tokenizer
     eos = params.eos | inputs.token_id_set("eos_token_id", tokenizer.eos_token_id)
-    steps = generate(engine, **prepared.backbone_inputs(), params=replace(params, eos=eos), stream=True)
-    return _texts(tokenizer, steps, len(prepared.input_ids), params.sampling.stop)
+    steps = generate(engine, prepared.samples, replace(params, eos=eos), stream=True)
+    return _texts(tokenizer, steps, len(prepared.samples), params.sampling.stop)
 
 
 def joined(steps) -> list[str]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .inputs import EngineInputError
+from .inputs import EngineInputError, EngineInputTypeError, given
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,24 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+def sampling_params(sampling, keywords: dict) -> tuple[SamplingParams, dict]:
+    """Engine.generate's sampling settings: `sampling` (a SamplingParams, or None), or SamplingParams'
+    fields among `keywords` (the shorthand temperature=0.7, seed=1, ...; a None value is the field's
+    default only where the field takes None), not both: EngineInputError. Returns the settings and
+    the other keywords (the engine's extra inputs)."""
+    names = {f.name for f in fields(SamplingParams)}
+    flat = {k: v for k, v in keywords.items() if k in names}
+    rest = {k: v for k, v in keywords.items() if k not in names}
+    if sampling is None:
+        return (SamplingParams(**flat) if flat else GREEDY), rest
+    if not isinstance(sampling, SamplingParams):
+        raise EngineInputTypeError(f"sampling must be a runtime.sampling.SamplingParams, got {given(sampling)}")
+    both = [k for k, v in flat.items() if v is not None]
+    if both:
+        raise EngineInputError(f"pass sampling= or its settings as keywords ({', '.join(both)}=), not both")
+    return sampling, rest
 
 
 class Sampler:

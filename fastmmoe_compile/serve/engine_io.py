@@ -109,9 +109,9 @@ class EngineIO:
                              f"{self.max_model_len} this server allows (--max-model-len)",
                         code="context_length_exceeded")
 
-    def sample(self, job) -> tuple[tuple, int]:
-        """A Job -> (one sample (embeds [S, H], vision positions [N], extras) as generate takes it,
-        prompt tokens S). APIError 400 for anything the engine cannot take; a prompt over
+    def sample(self, job) -> tuple[inputs.Sample, int]:
+        """A Job -> (its runtime.inputs.Sample, as generate and the scheduler take it, prompt tokens S).
+        APIError 400 for anything the engine cannot take; a prompt over
         --max-model-len is found once tokenized, before it is embedded or its images encoded.
         Runs in the server's prepare threads (app.py), not the scheduler's: it may take a while."""
         engine = self.engine
@@ -124,22 +124,20 @@ class EngineIO:
             if job.prompt_ids is not None:
                 if len(job.prompt_ids) > room:
                     raise self._too_long(len(job.prompt_ids), job)
-                samples = inputs.sample_inputs(engine, torch.tensor(job.prompt_ids), None, None, None, {})
+                samples = inputs.parse(engine, torch.tensor(job.prompt_ids))
             else:
                 if self.tokenizer is None:
                     raise APIError(400, NO_TOKENIZER, code="no_tokenizer")
-                prepared = engine.prepare(job.images or None, job.prompt, chat=job.chat, max_length=max(room, 0))
-                samples = inputs.sample_inputs(engine, None, prepared.inputs_embeds, prepared.vision_positions, None,
-                                               prepared.extras)
+                samples = engine.prepare(job.images or None, job.prompt, chat=job.chat,
+                                         max_length=max(room, 0)).samples
         except PromptTooLongError as e:
             raise self._too_long(e.length, job) from e
         except (EngineInputError, PromptError) as e:
             raise APIError(400, str(e), code="invalid_prompt") from e
         sample = samples[0]
-        length = int(sample[0].shape[0])
-        if length > room:
-            raise self._too_long(length, job)
-        return sample, length
+        if sample.length > room:
+            raise self._too_long(sample.length, job)
+        return sample, sample.length
 
     def decode(self, tokens: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -34,8 +34,8 @@ class Handle:
     HTTP side's event loop): ("token", text piece, token id, logprob), ("done", finish_reason),
     ("error", APIError). logprob: None, or (the token's log-probability, [(token id, log-probability)]
     of the job.logprobs most likely tokens) where the job asks for logprobs.
-    prepared: (sample, prompt tokens) of EngineIO.sample when the HTTP side prepared the request
-    (off the scheduler thread); None: the scheduler prepares it at admission."""
+    prepared: (runtime.inputs.Sample, prompt tokens) of EngineIO.sample when the HTTP side prepared
+    the request (off the scheduler thread); None: the scheduler prepares it at admission."""
 
     def __init__(self, job, loop: asyncio.AbstractEventLoop | None = None, on_event=None,
                  arrived: float | None = None):
@@ -201,7 +201,7 @@ class Scheduler:
                 log.exception("preparing a request failed")
                 self._fail(h, APIError(500, f"internal error while preparing the request: {type(e).__name__}"))
                 continue
-            h.vision_tokens = (int(sample[1].shape[0]), 0)
+            h.vision_tokens = (sample.vision_tokens, 0)
             ready.append(h)
             samples.append(sample)
         if not ready:
@@ -236,10 +236,10 @@ class Scheduler:
 
     def _join(self, handles, samples, logits, state, results) -> None:
         rows = []
-        for h, (e, v, _), r in zip(handles, samples, results):
-            before = int(v.shape[0])
+        for h, prompt, r in zip(handles, samples, results):
+            before = prompt.vision_tokens
             kept = r.kept_positions[0]
-            after = int(torch.isin(kept, v).sum()) if before else 0
+            after = int(torch.isin(kept, prompt.vision).sum()) if before else 0
             h.vision_tokens = (before, after)
             self.metrics.prompt_tokens.inc(h.prompt_tokens)
             self.metrics.vision_tokens.labels("before").inc(before)
