@@ -11,6 +11,8 @@ from fastmmoe_compile import FastMMoEConfig, compile_model
 from fastmmoe_compile.cli import main
 from fastmmoe_compile.runtime.engine import EngineInputError, EngineInputTypeError
 from fastmmoe_compile.runtime.generate import DecodeUnavailableError
+from fastmmoe_compile.runtime.inputs import Sample, parse
+from fastmmoe_compile.runtime.sampling import SamplingParams
 
 from .conftest import write_images
 
@@ -144,6 +146,16 @@ TEXT_CASES = {  # id: (call, error type, message fragment)
     "generate-float-eos": (lambda e: e.generate(IDS, max_new_tokens=2, eos_token_id=1.0), TYPE,
                            "eos_token_id must be a token id (int) or a list of them"),
     "generate-nothing": (lambda e: e.generate(max_new_tokens=2), VALUE, "exactly one"),
+    "generate-sampling-and-keywords": (lambda e: e.generate(IDS, max_new_tokens=2, seed=1,
+                                                            sampling=SamplingParams(temperature=1.0)), VALUE,
+                                       "pass sampling= or its settings as keywords (seed=), not both"),
+    "generate-sampling-not-params": (lambda e: e.generate(IDS, max_new_tokens=2, sampling={"temperature": 1.0}),
+                                     TYPE, "sampling must be a runtime.sampling.SamplingParams, got dict"),
+    "generate-samples-not-samples": (lambda e: e.generate(samples=[IDS[0]], max_new_tokens=2), TYPE,
+                                     "samples must be a non-empty list of runtime.inputs.Sample"),
+    "prefill-samples-and-ids": (lambda e: e.prefill(IDS, samples=parse(e, IDS)), VALUE, "pass samples= alone"),
+    "prefill-samples-lengths": (lambda e: e.prefill(samples=parse(e, [IDS[0], IDS[1, :5]])), VALUE,
+                                "one prefill call takes samples of one length, got S = [10, 5]"),
     # start_decode and decode
     "start-decode-not-a-result": (lambda e: e.start_decode("x", 2), TYPE,
                                   "results must be a PrefillResult (from engine.prefill) or a non-empty list"),
@@ -211,6 +223,22 @@ def test_accepted_forms_still_work(text):
     assert engine.generate(IDS, max_new_tokens=3, eos_token_id=[eos])[0].tolist() == [eos]
     state = engine.start_decode([engine.prefill(IDS[:1]), engine.prefill(IDS[1:])], np.int64(2))
     assert engine.decode(state, IDS[:, 0]).shape == (2, 256)  # [B] ids: one token per sample
+
+
+def test_samples_and_sampling_forms(text):
+    """Each form parses once into one Sample per prompt, which prefill(samples=) and generate(samples=)
+    take as they are; sampling= is what its keywords are a shorthand for."""
+    engine, expected = text
+    samples = parse(engine, IDS)
+    assert [type(s) for s in samples] == [Sample, Sample] and [s.shape for s in samples] == [(10, 0), (10, 0)]
+    assert [s.vision.dtype for s in samples] == [torch.long] * 2 and samples[0].embeds.shape == (10, 64)
+    assert [s.shape for s in parse(engine, [IDS[0], IDS[1, :5]], vision_positions=[[1, 2], None])] == [(10, 2), (5, 0)]
+    torch.testing.assert_close(engine.prefill(samples=samples).logits, engine.prefill(IDS).logits)
+    assert [t.tolist() for t in engine.generate(samples=samples, max_new_tokens=3)] == expected
+    assert [t.tolist() for t in engine.generate(IDS, max_new_tokens=3, sampling=SamplingParams())] == expected
+    drawn = engine.generate(IDS, max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
+    again = engine.generate(IDS, max_new_tokens=3, sampling=SamplingParams(temperature=1.0, top_k=5, seed=3))
+    assert [t.tolist() for t in drawn] == [t.tolist() for t in again]
 
 
 def test_prefill_only_engine(vlm_prefill_only):
