@@ -67,8 +67,16 @@ class Method:
         flags) where they are out of range or one would have no effect."""
         return self.config_class(**{self.field_of(dest): value for dest, value in typed.items()})
 
+    def stages(self, config: Config) -> tuple:
+        """The token-reduction stages that change the graph: config.stages() less those that keep every
+        vision token (ratio 1: docs/fastmmoe.md 2.1's T is N, so 2.7 merges and 2.8 prunes nothing). The one
+        place that no-op rule is: the passes and the FLOPs count read these, whether the configuration came
+        from the CLI (which refuses the flags of such a stage) or from the Python API."""
+        return tuple(stage for stage in getattr(config, "stages", tuple)() if stage.ratio < 1)
+
     def passes(self, config: Config) -> list[GraphPass]:
-        """The graph passes that apply `config`, in order."""
+        """The graph passes that apply `config`, in order (none for a configuration that changes nothing:
+        a stage of ratio 1 has no pass, and ModalityTopK leaves a router alone where Kv == K)."""
         return []
 
     def vision_experts(self, config: Config, layer: int, top_k: int) -> int:
@@ -81,6 +89,13 @@ class Method:
 
     def check_backend(self, config: Config, backend: str) -> None:
         """Raise lower.backends.BackendError where `backend` cannot lower `config`."""
+
+    def bench_config(self, options, keep_ratio: float, num_layers: int) -> Config | None:
+        """The configuration of the benchmark's row `{name}-{keep_ratio * 100}` (fastmmoe-compile bench,
+        bench/variants.py) on a model of `num_layers` decoder layers; options: the bench's parsed
+        arguments (its --config-preset, --fastv-layer). None: the method has no row at this retention
+        (the default: a method is benchmarked once it says how)."""
+        return None
 
 
 def flag(dest: str) -> str:
