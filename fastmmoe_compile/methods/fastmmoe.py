@@ -89,14 +89,14 @@ class FastMMoE(Method):
 
     def passes(self, config: FastMMoEConfig) -> list[GraphPass]:
         stages = self.stages(config)
-        passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv,
+        passes: list[GraphPass] = [ModalityTopK(config.vision_experts,
                                                 fresh_until_layer=stages[0].layer if stages else None)]
         if stages:
             passes.append(TokenReduction(stages, name="routing_merge"))
         return passes
 
     def vision_experts(self, config: FastMMoEConfig, layer: int, top_k: int) -> int:
-        return config.kv(top_k) if layer >= config.reduce_from_layer else top_k
+        return config.vision_experts(layer, top_k)
 
     def stage_flops(self, stage: MergeStage, dims: StageDims) -> int:
         return merge_stage_flops(stage, dims)
