@@ -21,9 +21,8 @@ import torch
 from torch.export import ExportedProgram
 
 from ..config import ConfigError, MergeStage
-from ..models.base import layer_of
 from .base import (GraphPass, PassResult, finish, first_changed, first_node_after_layer, insert_call, insert_copies,
-                   module_path, snapshot, vision_input)
+                   layer_of, module_path, snapshot, vision_input)
 from .routers import find_routers
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
