@@ -15,6 +15,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from ..passes import GraphPass, PassRecord, run_passes
+from ..passes.token_reduction import locate_anchors
 
 Config = Any  # a configuration of a registered method (its Method.config_class)
 
@@ -79,6 +80,13 @@ class Method:
         a stage of ratio 1 has no pass, and ModalityTopK leaves a router alone where Kv == K)."""
         return []
 
+    def check_program(self, program: ExportedProgram, config: Config) -> None:
+        """Raise where `program`'s graph cannot host a stage of `config`, even a stage that keeps every
+        token and so inserts nothing (a merge layer with no router is a bad configuration whatever the
+        ratio): passes.token_reduction.MergeLayerError / TokenReductionError, before any pass runs."""
+        for stage in getattr(config, "stages", tuple)():
+            locate_anchors(program.graph, stage)
+
     def vision_experts(self, config: Config, layer: int, top_k: int) -> int:
         """Experts per vision token at decoder `layer` of a model whose routers pick `top_k`."""
         return top_k
@@ -123,4 +131,6 @@ def method_of(config: Config) -> Method:
 
 def apply_passes(program: ExportedProgram, config: Config) -> tuple[ExportedProgram, PassRecord]:
     """The passes `config` asks for, run on `program`: (rewritten program, PassRecord)."""
-    return run_passes(program, method_of(config).passes(config))
+    method = method_of(config)
+    method.check_program(program, config)
+    return run_passes(program, method.passes(config))
