@@ -98,6 +98,12 @@ class FastMMoEConfig:
         _check(self.vision_topk <= top_k, f"vision_topk={self.vision_topk} exceeds the model's top-k ({top_k})")
         return self.vision_topk
 
+    def vision_experts(self, layer: int, top_k: int) -> int:
+        """Experts per vision token at decoder `layer` of a model whose routers pick `top_k`: Kv from
+        reduce_from_layer on, K before it (docs/fastmmoe.md section 1). The pass (ModalityTopK) and the
+        FLOPs count (methods.FastMMoE.vision_experts) both read this."""
+        return self.kv(top_k) if layer >= self.reduce_from_layer else top_k
+
     def check_model(self, num_layers: int, top_k: int) -> None:
         """Checks that need the model: layer indices in range, Kv <= K."""
         _check(self.reduce_from_layer < num_layers,

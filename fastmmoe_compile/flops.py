@@ -110,7 +110,7 @@ def _attention_dims(attn: torch.nn.Module, config) -> tuple[int, int, int]:
 
 def _stages(config: "Config | None") -> tuple:
     """The token-reduction stages a config asks for (none for the unmodified model)."""
-    return () if config is None else config.stages()
+    return () if config is None else method_of(config).stages(config)
 
 
 def vision_schedule(config: "Config | None", num_layers: int,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .algorithm import RATIO_SCALE, vision_after_stage
+from .algorithm import (RATIO_SCALE, head_mean_attention, keep_survivors, new_vision_positions, vision_after_stage,
+                        vision_count)
 
 
 def rater_flags(embeds: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
@@ -48,17 +49,12 @@ def rater_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
 
     q [B, Hq, S, D], k [B, Hkv, S, D] (grouped-query heads repeat), mask broadcastable to [B, Hq, S, S]
     (bool: True = attend; float: additive; None: causal), raters [B, S] (rater_flags, gathered with
-    the sequence). Every query row is computed (their number is data-dependent); only rater rows count."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    if kv_heads != heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, H, S, S]
+    the sequence). Every query row is computed (their number is data-dependent); only rater rows count.
+    The attention itself is algorithm.head_mean_attention, as for FastMMoE's last-token row."""
     if mask is None:
         seq = q.shape[2]
         mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = scores.softmax(dim=-1).mean(dim=1)  # [B, S(query), S(key)]
+    probs = head_mean_attention(q, k, mask, scale)  # [B, S(query), S(key)]
     weight = raters.float()
     return (probs * weight[:, :, None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp_min(1)
 
@@ -92,11 +88,11 @@ def sparsevlm_stage(hidden: torch.Tensor, scores: torch.Tensor, vision: torch.Te
     mean of its members' hidden states, placed at its centre token's position (its position id).
     Ties go to the earlier token; of two equally dense tokens the earlier counts as the denser (the
     authors break density ties with random noise)."""
-    batch, seq, width = hidden.shape
+    batch, _, width = hidden.shape
     n = vision.shape[1]
     new_n = vision_after_stage(n, ratio_q)
     device = hidden.device
-    n_t = torch.ones_like(vision[0]).sum()  # N as a tensor
+    n_t = vision_count(vision)
     _, k, c, r = stage_counts(n_t, ratio_q, recycle_q, cluster_q)
     index = torch.arange(n, device=device)
 
@@ -138,14 +134,10 @@ def sparsevlm_stage(hidden: torch.Tensor, scores: torch.Tensor, vision: torch.Te
     survivor = (kept | is_centre).long()
     chosen = torch.sort(survivor, dim=1, descending=True, stable=True).indices[:, :new_n]
     survivors = torch.gather(vision, 1, torch.sort(chosen, dim=1).values)  # [B, N'] positions, in order
-    in_seq = torch.ones(batch, seq, dtype=torch.int64, device=device)
-    in_seq = in_seq.scatter(1, vision, torch.zeros_like(vision)).scatter(1, survivors, torch.ones_like(survivors))
-    keep = torch.sort(1 - in_seq, dim=1, stable=True).indices[:, : seq - n + new_n]
-    new_hidden = torch.gather(hidden, 1, keep[..., None].expand(batch, keep.shape[1], width))
+    in_seq, keep, new_hidden = keep_survivors(hidden, vision, survivors)
     centre_at = torch.zeros_like(in_seq).scatter(1, vision, is_centre.long())
     aggregate_at = torch.zeros_like(hidden).scatter(1, vision[..., None].expand(batch, n, width), aggregate)
     slot_centre = torch.gather(centre_at, 1, keep).bool()
     slot_aggregate = torch.gather(aggregate_at, 1, keep[..., None].expand(batch, keep.shape[1], width))
     new_hidden = torch.where(slot_centre[..., None], slot_aggregate, new_hidden)
-    new_vision = torch.gather(in_seq.cumsum(dim=1) - 1, 1, survivors)
-    return keep, new_hidden, new_vision
+    return keep, new_hidden, new_vision_positions(in_seq, survivors)

@@ -285,10 +285,32 @@ def one_torch_thread():
 
 
 
+_FILE_TIME: dict = {}  # {test file: seconds of setup + call + teardown}, summed over the run
+_WORKER_TIME: dict = {}  # {xdist worker: seconds of test work}
+
+
+def pytest_runtest_logreport(report):
+    """Every test's phases, as the controller receives them (from each xdist worker): the budget report."""
+    file = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
+    _FILE_TIME[file] = _FILE_TIME.get(file, 0.0) + report.duration
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    worker = worker.id if worker is not None else "main"
+    _WORKER_TIME[worker] = _WORKER_TIME.get(worker, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Which CPU the run was on, and its bf16 verdict (fastmmoe_compile/runtime/cpu.py), at the end of
-    every run (-q included): the bf16 tests' timings and CPU engines' default dtype depend on it."""
+    """The test-time budget (issue 21): each worker's seconds of test work (wall time is the largest,
+    and their sum over the worker count the least it could be) and the 12 costliest files (FILE_SECONDS
+    above orders them); then which CPU the run was on, and its bf16 verdict (fastmmoe_compile/runtime/
+    cpu.py), at the end of every run (-q included): the bf16 tests' timings and CPU engines' default
+    dtype depend on it."""
     from fastmmoe_compile.runtime.cpu import bf16_speed, cpu_model
+
+    if _WORKER_TIME:
+        workers = ", ".join(f"{w} {t:.0f} s" for w, t in sorted(_WORKER_TIME.items()))
+        terminalreporter.write_line(f"test work per worker: {workers}; in all {sum(_WORKER_TIME.values()):.0f} s")
+        files = sorted(_FILE_TIME.items(), key=lambda kv: -kv[1])[:12]
+        terminalreporter.write_line("costliest files: " + ", ".join(f"{f} {t:.0f} s" for f, t in files))
 
     try:
         verdict = bf16_speed().describe()

@@ -52,6 +52,9 @@ class Halve(Method):
     def stage_flops(self, stage, dims):
         return 7 * dims.tokens  # a marker: flops.py asks the method, it knows no formula of its own
 
+    def bench_config(self, options, keep_ratio, num_layers):
+        return HalveConfig(halve_layer=num_layers - 1) if keep_ratio == 0.5 else None
+
 
 @pytest.fixture
 def halve(monkeypatch):
@@ -107,3 +110,52 @@ def test_vision_topk_above_k_is_one_answer_everywhere():
 def test_flops_json_names_the_method(halve, capsys):
     assert main(["flops", "tiny-qwen3-moe", "--method", "halve", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"] == {"method": "halve", "halve_layer": 1}
+
+
+def test_a_ratio_of_one_is_the_same_graph_from_the_api_and_the_cli(capsys):
+    """A stage that keeps every vision token is no stage (Method.stages): through the Python API it adds no
+    merge op and no FLOPs, and the graph is the one the CLI compiles for --keep-ratio 1 (the default, where
+    the CLI refuses --merge-layers as having no effect). The same for FastV and SparseVLM at keep_ratio 1."""
+    from fastmmoe_compile.config import FastVConfig, SparseVLMConfig
+
+    loaded = load_model("tiny-qwen3-moe")
+    _, plain, plain_record = rewrite(loaded, FastMMoEConfig())
+    for config in (FastMMoEConfig(merge_layers=(1, 2), keep_ratio=1.0),
+                   FastMMoEConfig(merge_layers=(1, 2), stage_ratios=(1.0, 1.0), authors_compat=True)):
+        _, program, record = rewrite(loaded, config)
+        assert str(program.graph) == str(plain.graph)
+        assert record.graph_diff == plain_record.graph_diff
+        assert [p["pass"] for p in record.passes] == ["modality_topk"]
+        assert flops.analytic_flops(loaded, config, 10, 40).layers == flops.analytic_flops(
+            loaded, FastMMoEConfig(), 10, 40).layers
+    assert main(["diff", "tiny-qwen3-moe"]) == 0
+    assert capsys.readouterr().out == plain_record.graph_diff
+    assert main(["diff", "tiny-qwen3-moe", "--merge-layers", "1,2"]) == 2
+    assert "--merge-layers has no effect while every stage keeps all vision tokens" in capsys.readouterr().err
+
+    # A ratio-1 stage among others is dropped alone: the graph of the other stage only.
+    _, mixed, _ = rewrite(loaded, FastMMoEConfig(merge_layers=(1, 2), stage_ratios=(1.0, 0.5)))
+    _, single, _ = rewrite(loaded, FastMMoEConfig(merge_layers=(2,), keep_ratio=0.5))
+    assert str(mixed.graph) == str(single.graph)
+
+    unmodified = export_backbone(loaded)
+    for config in (FastVConfig(prune_layer=1, keep_ratio=1.0), SparseVLMConfig(prune_layers=(1, 2), keep_ratio=1.0)):
+        _, program, record = rewrite(loaded, config)
+        assert str(program.graph) == str(unmodified.graph) and not record.passes
+
+
+def test_the_bench_rows_come_from_the_registry(halve):
+    """bench.variant_configs asks every method for its rows (Method.bench_config): the toy method's
+    row is there at the retention it answers for, and --variants takes its name as a group."""
+    from types import SimpleNamespace
+
+    from fastmmoe_compile import bench
+
+    args = SimpleNamespace(keep_ratios="0.75,0.5", config_preset="internvl3.5-30b-a3b", fastv_layer=2,
+                           variants="unmodified,halve")
+    assert bench.variant_configs(args, 4) == {"unmodified": FastMMoEConfig(vision_expert_ratio=1.0),
+                                              "halve-50": HalveConfig(halve_layer=3)}
+    args.variants = "fastv,sparsevlm,fastmmoe"
+    rows = bench.variant_configs(args, 48)
+    assert list(rows) == ["unmodified", "fastmmoe-75", "fastv-75", "sparsevlm-75", "fastmmoe-50", "fastv-50",
+                          "sparsevlm-50"]

@@ -205,7 +205,7 @@ def test_export_matches_eager(model, program):
 
 
 def test_modality_topk(model, program):
-    result = ModalityTopK(reduce_from_layer=1, kv_for=lambda k: 1)(program)
+    result = ModalityTopK(lambda layer, k: 1 if layer >= 1 else k)(program)
     assert result.modified and result.changes == [
         {"layer": i, "router": f"layers.{i}.mlp.gate", "top_k": TOP_K, "kv": 1} for i in (1, 2)]
     assert count(program, torch.ops.fastmmoe.route_pairs.default) == 0
@@ -218,7 +218,7 @@ def test_modality_topk(model, program):
 
 def test_modality_topk_with_kv_equal_k_changes_nothing(program):
     before = summarize(program)
-    result = ModalityTopK(reduce_from_layer=0, kv_for=lambda k: k)(program)
+    result = ModalityTopK(lambda layer, k: k)(program)
     assert not result.modified and result.changes == []
     assert diff(before, summarize(program)) == "no changes\n"
 

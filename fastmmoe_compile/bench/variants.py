@@ -51,23 +51,26 @@ def build_preset(p, dtype: torch.dtype, layers: int | None, device: torch.device
 
 
 def variant_configs(args, num_layers: int) -> dict:
-    from fastmmoe_compile.config import FastMMoEConfig, FastVConfig, SparseVLMConfig, config_preset
+    """{row name: configuration}: unmodified, topkv, then each registered method's rows
+    (Method.bench_config) at each of --keep-ratios, those --variants asks for."""
+    from fastmmoe_compile.config import FastMMoEConfig, config_preset
+    from fastmmoe_compile.methods import METHODS
 
     ratios = [float(r) for r in args.keep_ratios.split(",") if r]
     allv = {"unmodified": ("unmodified", FastMMoEConfig(vision_expert_ratio=1.0)),  # Kv == K: graph untouched
             "topkv": ("topkv", FastMMoEConfig(reduce_from_layer=2, vision_expert_ratio=0.5))}
     for r in ratios:
         tag = f"{round(r * 100):d}"
-        cfg = config_preset(args.config_preset, keep_ratio=r)
-        if max(cfg.merge_layers) < num_layers:
-            allv[f"fastmmoe-{tag}"] = ("fastmmoe", cfg)
-        elif tag == f"{round(ratios[0] * 100):d}":
-            print(f"[bench] no fastmmoe variants: {args.config_preset} merges at layers {list(cfg.merge_layers)}, "
-                  f"the model has {num_layers} (pick more --layers or another --config-preset)", file=sys.stderr)
-        allv[f"fastv-{tag}"] = ("fastv", FastVConfig(prune_layer=args.fastv_layer, keep_ratio=r))
-        allv[f"sparsevlm-{tag}"] = ("sparsevlm", SparseVLMConfig.for_model(num_layers, keep_ratio=r))
+        for method in METHODS.values():
+            cfg = method.bench_config(args, r, num_layers)
+            if cfg is not None:
+                allv[f"{method.name}-{tag}"] = (method.name, cfg)
+    if "fastmmoe" in METHODS and not any(group == "fastmmoe" for group, _ in allv.values()):
+        layers = list(config_preset(args.config_preset).merge_layers)
+        print(f"[bench] no fastmmoe variants: {args.config_preset} merges at layers {layers}, "
+              f"the model has {num_layers} (pick more --layers or another --config-preset)", file=sys.stderr)
     wanted = {w.strip() for w in args.variants.split(",") if w.strip()} | {"unmodified"}
-    unknown = wanted - set(allv) - set(GROUPS)
+    unknown = wanted - set(allv) - set(GROUPS) - set(METHODS)
     if unknown:
         raise BenchError(f"unknown variants {sorted(unknown)}; known: {', '.join(GROUPS)}, {', '.join(allv)}")
     return {name: cfg for name, (group, cfg) in allv.items() if name in wanted or group in wanted}

@@ -15,6 +15,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from ..passes import GraphPass, PassRecord, run_passes
+from ..passes.token_reduction import locate_anchors
 
 Config = Any  # a configuration of a registered method (its Method.config_class)
 
@@ -67,9 +68,24 @@ class Method:
         flags) where they are out of range or one would have no effect."""
         return self.config_class(**{self.field_of(dest): value for dest, value in typed.items()})
 
+    def stages(self, config: Config) -> tuple:
+        """The token-reduction stages that change the graph: config.stages() less those that keep every
+        vision token (ratio 1: docs/fastmmoe.md 2.1's T is N, so 2.7 merges and 2.8 prunes nothing). The one
+        place that no-op rule is: the passes and the FLOPs count read these, whether the configuration came
+        from the CLI (which refuses the flags of such a stage) or from the Python API."""
+        return tuple(stage for stage in getattr(config, "stages", tuple)() if stage.ratio < 1)
+
     def passes(self, config: Config) -> list[GraphPass]:
-        """The graph passes that apply `config`, in order."""
+        """The graph passes that apply `config`, in order (none for a configuration that changes nothing:
+        a stage of ratio 1 has no pass, and ModalityTopK leaves a router alone where Kv == K)."""
         return []
+
+    def check_program(self, program: ExportedProgram, config: Config) -> None:
+        """Raise where `program`'s graph cannot host a stage of `config`, even a stage that keeps every
+        token and so inserts nothing (a merge layer with no router is a bad configuration whatever the
+        ratio): passes.token_reduction.MergeLayerError / TokenReductionError, before any pass runs."""
+        for stage in getattr(config, "stages", tuple)():
+            locate_anchors(program.graph, stage)
 
     def vision_experts(self, config: Config, layer: int, top_k: int) -> int:
         """Experts per vision token at decoder `layer` of a model whose routers pick `top_k`."""
@@ -81,6 +97,13 @@ class Method:
 
     def check_backend(self, config: Config, backend: str) -> None:
         """Raise lower.backends.BackendError where `backend` cannot lower `config`."""
+
+    def bench_config(self, options, keep_ratio: float, num_layers: int) -> Config | None:
+        """The configuration of the benchmark's row `{name}-{keep_ratio * 100}` (fastmmoe-compile bench,
+        bench/variants.py) on a model of `num_layers` decoder layers; options: the bench's parsed
+        arguments (its --config-preset, --fastv-layer). None: the method has no row at this retention
+        (the default: a method is benchmarked once it says how)."""
+        return None
 
 
 def flag(dest: str) -> str:
@@ -108,4 +131,6 @@ def method_of(config: Config) -> Method:
 
 def apply_passes(program: ExportedProgram, config: Config) -> tuple[ExportedProgram, PassRecord]:
     """The passes `config` asks for, run on `program`: (rewritten program, PassRecord)."""
-    return run_passes(program, method_of(config).passes(config))
+    method = method_of(config)
+    method.check_program(program, config)
+    return run_passes(program, method.passes(config))

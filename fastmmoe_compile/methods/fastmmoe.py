@@ -88,18 +88,23 @@ class FastMMoE(Method):
         return c
 
     def passes(self, config: FastMMoEConfig) -> list[GraphPass]:
-        stages = config.stages()
-        passes: list[GraphPass] = [ModalityTopK(config.reduce_from_layer, config.kv,
+        stages = self.stages(config)
+        passes: list[GraphPass] = [ModalityTopK(config.vision_experts,
                                                 fresh_until_layer=stages[0].layer if stages else None)]
         if stages:
             passes.append(TokenReduction(stages, name="routing_merge"))
         return passes
 
     def vision_experts(self, config: FastMMoEConfig, layer: int, top_k: int) -> int:
-        return config.kv(top_k) if layer >= config.reduce_from_layer else top_k
+        return config.vision_experts(layer, top_k)
 
     def stage_flops(self, stage: MergeStage, dims: StageDims) -> int:
         return merge_stage_flops(stage, dims)
+
+    def bench_config(self, options, keep_ratio: float, num_layers: int) -> FastMMoEConfig | None:
+        """The authors' settings (--config-preset) at this retention, where the model has their merge layers."""
+        config = config_preset(options.config_preset, keep_ratio=keep_ratio)
+        return config if max(config.merge_layers) < num_layers else None
 
     def check_backend(self, config: FastMMoEConfig, backend: str) -> None:
         if backend == "onnx" and config.authors_compat:

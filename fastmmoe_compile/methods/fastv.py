@@ -23,7 +23,11 @@ class FastV(Method):
         parser.add_argument("--fastv-layer", type=int, default=None, help="FastV: the layer that prunes (default: 2)")
 
     def passes(self, config: FastVConfig) -> list[GraphPass]:
-        return [TokenReduction(config.stages(), name="fastv")]
+        stages = self.stages(config)
+        return [TokenReduction(stages, name="fastv")] if stages else []
+
+    def bench_config(self, options, keep_ratio: float, num_layers: int) -> FastVConfig:
+        return FastVConfig(prune_layer=options.fastv_layer, keep_ratio=keep_ratio)
 
     def stage_flops(self, stage: MergeStage, dims: StageDims) -> int:
         return merge_stage_flops(stage, dims)  # use_router is off: the score row alone

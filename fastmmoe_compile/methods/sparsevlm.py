@@ -23,7 +23,12 @@ class SparseVLM(Method):
                             help="SparseVLM: the layers that prune, comma-separated (default: 2,6,15, the paper's)")
 
     def passes(self, config: SparseVLMConfig) -> list[GraphPass]:
-        return [SparseVLMPass(config.stages())]
+        stages = self.stages(config)
+        return [SparseVLMPass(stages)] if stages else []
+
+    def bench_config(self, options, keep_ratio: float, num_layers: int) -> SparseVLMConfig:
+        """The paper's layers that the model has (SparseVLMConfig.for_model)."""
+        return SparseVLMConfig.for_model(num_layers, keep_ratio=keep_ratio)
 
     def stage_flops(self, stage: SparseVLMStage, dims: StageDims) -> int:
         """The raters' attention over every query row (2*n*n*h*d_qk: the rater rows are data-dependent),

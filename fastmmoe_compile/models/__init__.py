@@ -1,5 +1,5 @@
 """Load: model-family adapters, presets, and the loader that turns a name into a model."""
-from .base import MoEFamily, layer_of
+from .base import MoEFamily
 from .registry import FAMILIES, LoadedModel, UnsupportedModelError, family_for, load_model
 
-__all__ = ["FAMILIES", "LoadedModel", "MoEFamily", "UnsupportedModelError", "family_for", "layer_of", "load_model"]
+__all__ = ["FAMILIES", "LoadedModel", "MoEFamily", "UnsupportedModelError", "family_for", "load_model"]

@@ -5,17 +5,12 @@ test model of it looks like) lives in its adapter file; the passes are family-bl
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..runtime.specs import InputSpec
-
-# Decoder-layer index in a module path, e.g. "lm.model.layers.7.mlp.gate".
-LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-
 
 @dataclass(frozen=True)
 class MoEFamily:
@@ -80,7 +75,3 @@ class MoEFamily:
     def experts_modules(self, lm: torch.nn.Module) -> list[torch.nn.Module]:
         return [block.experts for _, block in self.moe_blocks(lm)]
 
-
-def layer_of(module_path: str) -> int | None:
-    m = LAYER_PATTERN.search(module_path)
-    return int(m.group(1)) if m else None

@@ -2,6 +2,7 @@
 and returns a PassResult saying whether it changed anything and what."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,16 @@ def module_path(node: torch.fx.Node) -> str:
     """FQN of the innermost module that produced `node` ("" for graph-level nodes)."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
+
+
+# Decoder-layer index in a module path, e.g. "lm.model.layers.7.mlp.gate".
+LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def layer_of(path: str) -> int | None:
+    """The decoder layer a module path (module_path) lies in, None outside the decoder layers."""
+    m = LAYER_PATTERN.search(path)
+    return int(m.group(1)) if m else None
 
 
 def vision_input(program: ExportedProgram) -> torch.fx.Node:
@@ -156,8 +167,6 @@ def first_changed(graph: torch.fx.Graph, before: dict) -> torch.fx.Node | None:
 
 def first_node_after_layer(graph: torch.fx.Graph, layer: int) -> torch.fx.Node | None:
     """The first node of a decoder layer after `layer` (None: there is none, e.g. the last layer)."""
-    from ..models.base import layer_of
-
     seen = False
     for n in graph.nodes:
         at = layer_of(module_path(n))

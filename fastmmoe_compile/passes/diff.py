@@ -16,8 +16,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .. import algorithm
-from ..models.base import layer_of
-from .base import module_path
+from .base import layer_of, module_path
 
 DIM_NAMES = {("inputs_embeds", 0): "B", ("inputs_embeds", 1): "S", ("vision_positions", 1): "N"}
 

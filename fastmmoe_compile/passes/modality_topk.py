@@ -1,6 +1,7 @@
 """modality_topk (docs/fastmmoe.md section 1): vision tokens keep their Kv highest-weight experts.
 
-In every MoE layer >= reduce_from_layer, the router's pair list
+In every MoE layer where vision tokens keep fewer experts (Kv < K: FastMMoEConfig.vision_experts,
+the layers >= reduce_from_layer), the router's pair list
     route_pairs(weights, ids)                         -> T*K pairs
 becomes
     route_pairs_topkv(weights, ids, vision_positions, kv) -> (T - B*N)*K + B*N*kv pairs
@@ -20,9 +21,10 @@ from .routers import find_routers
 class ModalityTopK(GraphPass):
     name = "modality_topk"
 
-    def __init__(self, reduce_from_layer: int, kv_for, fresh_until_layer: int | None = None):
-        self.reduce_from_layer = reduce_from_layer
-        self.kv_for = kv_for  # top_k -> Kv (FastMMoEConfig.kv)
+    def __init__(self, experts_at, fresh_until_layer: int | None = None):
+        # (layer, top_k) -> experts per vision token there (FastMMoEConfig.vision_experts): the rule of which
+        # layers reduce lives there, read by this pass and the FLOPs count alike.
+        self.experts_at = experts_at
         # A token-reduction pass that follows refreshes the fake values from its first stage's layer to
         # the end (passes/base.finish), so this pass refreshes only up to the end of that layer.
         self.fresh_until_layer = fresh_until_layer
@@ -32,9 +34,9 @@ class ModalityTopK(GraphPass):
         vision = vision_input(program)
         changes, before = [], snapshot(graph)
         for site in find_routers(graph):
-            if site.layer < self.reduce_from_layer or site.route.target != torch.ops.fastmmoe.route_pairs.default:
+            if site.route.target != torch.ops.fastmmoe.route_pairs.default:
                 continue
-            kv = self.kv_for(site.top_k)
+            kv = self.experts_at(site.layer, site.top_k)
             if kv >= site.top_k:  # Kv == K is the unmodified model: leave the graph alone
                 continue
             new = insert_call(graph, torch.ops.fastmmoe.route_pairs_topkv.default, (site.weights, site.ids, vision),

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.base import layer_of
-from .base import module_path
+from .base import layer_of, module_path
 
 ROUTE_OPS = (torch.ops.fastmmoe.route_pairs.default, torch.ops.fastmmoe.route_pairs_topkv.default)
 SCORE_OPS = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten.sigmoid.default)

@@ -21,9 +21,8 @@ import torch
 from torch.export import ExportedProgram
 
 from ..config import ConfigError, MergeStage
-from ..models.base import layer_of
 from .base import (GraphPass, PassResult, finish, first_changed, first_node_after_layer, insert_call, insert_copies,
-                   module_path, snapshot, vision_input)
+                   layer_of, module_path, snapshot, vision_input)
 from .routers import find_routers
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -40,33 +39,55 @@ class MergeLayerError(ConfigError, TokenReductionError):
 
 class TokenReduction(GraphPass):
     """One pass per method (routing_merge, fastv): a stage after another, each reading the
-    shapes the previous one left."""
+    shapes the previous one left.
 
-    def __init__(self, stages: tuple[MergeStage, ...], name: str):
+    A method whose stages reduce tokens by another op with the fastmmoe::merge_tokens contract (kept
+    positions, reduced stream, new vision positions; SparseVLM) subclasses it and overrides the public
+    hooks: begin (once, before the first stage), insert_stage (a stage's scores and op),
+    end_stage (after a stage is rewired) and describe (a stage's entry in the changes)."""
+
+    def __init__(self, stages: tuple, name: str):
         self.stages = stages
         self.name = name
 
     def __call__(self, program: ExportedProgram) -> PassResult:
         graph = program.graph
         vision = vision_input(program)
+        before = snapshot(graph)
+        self.begin(graph, vision)
         changes = []
         for i, stage in enumerate(self.stages):
-            before = snapshot(graph)
+            if i:
+                before = snapshot(graph)
             anchors = locate_anchors(graph, stage)
             seq = anchors.residual.meta["val"].shape[1]
-            merge = insert_merge(graph, anchors, stage, vision)
+            merge = self.insert_stage(graph, anchors, stage, vision)
             rewire(graph, anchors.residual, merge, vision)
+            self.end_stage(graph, stage, merge)
             vision = merge.vision
-            changes.append({
-                "layer": stage.layer, "ratio": round(stage.ratio, 6), "merge_ratio": stage.merge_ratio,
-                "window": stage.window, "strategy": stage.strategy, "method": stage.method,
-                "tokens_before": str(seq), "tokens_after": str(merge.hidden.meta["val"].shape[1]),
-            })
+            changes.append({**self.describe(stage), "tokens_before": str(seq),
+                            "tokens_after": str(merge.hidden.meta["val"].shape[1])})
             # The next stage reads the reduced shapes up to its own layer; the last one refreshes the rest.
             later = self.stages[i + 1].layer if i + 1 < len(self.stages) else None
             finish(program, first_changed(graph, before),
                    first_node_after_layer(graph, later) if later is not None else None)
         return PassResult(program, bool(changes), changes)
+
+    def begin(self, graph: torch.fx.Graph, vision: torch.fx.Node) -> None:
+        """Hook: what the pass inserts once, before the first stage (nothing here)."""
+
+    def insert_stage(self, graph: torch.fx.Graph, anchors: Anchors, stage, vision: torch.fx.Node) -> Merge:
+        """Hook: a stage's scores and reduction op right after the residual add (insert_merge here),
+        its outputs as a Merge. Later layers still read the old stream until rewire()."""
+        return insert_merge(graph, anchors, stage, vision)
+
+    def end_stage(self, graph: torch.fx.Graph, stage, merge: Merge) -> None:
+        """Hook: what a stage adds after it is rewired (nothing here)."""
+
+    def describe(self, stage) -> dict:
+        """Hook: the stage's settings in its entry of the pass's changes (the token counts follow)."""
+        return {"layer": stage.layer, "ratio": round(stage.ratio, 6), "merge_ratio": stage.merge_ratio,
+                "window": stage.window, "strategy": stage.strategy, "method": stage.method}
 
 
 @dataclass
@@ -75,6 +96,12 @@ class Anchors:
     sdpa: torch.fx.Node  # the layer's attention: its q, k and mask give the last-token scores
     residual: torch.fx.Node  # attention output + residual: the stream the merge reduces
     scores: torch.fx.Node | None  # the router's probabilities (None when the stage needs no router)
+
+    def attention_args(self) -> tuple:
+        """(q, k, mask, scale) of the layer's attention: what its scoring ops read."""
+        sdpa = self.sdpa
+        mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+        return sdpa.args[0], sdpa.args[1], mask, sdpa.kwargs.get("scale")
 
 
 @dataclass
@@ -85,8 +112,17 @@ class Merge:
     hidden: torch.fx.Node  # [B, S', H] reduced stream
     vision: torch.fx.Node  # [B, N'] vision positions in the reduced sequence
 
+    @classmethod
+    def outputs(cls, graph: torch.fx.Graph, op: torch.fx.Node, before: torch.fx.Node, like: torch.fx.Node
+                ) -> Merge:
+        """op's three outputs (getitem), inserted before `before` with `like`'s meta."""
+        keep, hidden, vision = (insert_call(graph, operator.getitem, (op, i), before=before, like=like)
+                                for i in range(3))
+        return cls(op, keep, hidden, vision)
 
-def locate_anchors(graph: torch.fx.Graph, stage: MergeStage) -> Anchors:
+
+def locate_anchors(graph: torch.fx.Graph, stage) -> Anchors:
+    """Stage `stage`'s (a MergeStage, or any stage with .layer and .use_router) anchors in its layer."""
     nodes = [n for n in graph.nodes if layer_of(module_path(n)) == stage.layer]
     sdpa = next((n for n in nodes if n.target == SDPA), None)
     if sdpa is None:
@@ -108,11 +144,9 @@ def locate_anchors(graph: torch.fx.Graph, stage: MergeStage) -> Anchors:
 def insert_scores(graph: torch.fx.Graph, anchors: Anchors) -> tuple[torch.fx.Node | None, torch.fx.Node]:
     """Right after the residual add: the stage's routing distributions (None for FastV) and the
     last token's attention row, from the layer's own q, k and mask (its attention stays fused)."""
-    at, sdpa = anchors.residual.next, anchors.sdpa
-    q, k = sdpa.args[0], sdpa.args[1]
-    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
-    attn = insert_call(graph, torch.ops.fastmmoe.last_token_attention.default, (q, k, mask, sdpa.kwargs.get("scale")),
-                       before=at, like=sdpa)
+    at = anchors.residual.next
+    attn = insert_call(graph, torch.ops.fastmmoe.last_token_attention.default, anchors.attention_args(), before=at,
+                       like=anchors.sdpa)
     probs = clone_router(graph, anchors.scores, anchors.residual, at) if anchors.scores is not None else None
     return probs, attn
 
@@ -124,9 +158,7 @@ def insert_merge(graph: torch.fx.Graph, anchors: Anchors, stage: MergeStage, vis
     probs, attn = insert_scores(graph, anchors)
     op = insert_call(graph, torch.ops.fastmmoe.merge_tokens.default, (residual, probs, attn, vision),
                      stage.kernel_settings(), before=at, like=residual)
-    keep, hidden, new_vision = (insert_call(graph, operator.getitem, (op, i), before=at, like=residual)
-                                for i in range(3))
-    return Merge(op, keep, hidden, new_vision)
+    return Merge.outputs(graph, op, before=at, like=residual)
 
 
 def clone_router(graph: torch.fx.Graph, scores: torch.fx.Node, residual: torch.fx.Node, at: torch.fx.Node):
