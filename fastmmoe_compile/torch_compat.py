@@ -19,11 +19,25 @@ Touch points:
   what the expand + reshape computes, so one graph serves every release.
 - a copy of an ExportedProgram whose graph a pass may rewrite while the weights stay shared
   (`copy_program`: `ExportedProgram._update`, the same private constructor in 2.11 - 2.14);
+- Inductor's C++ vector-stride analysis (`fast_cpp_stride_analysis`): `stride_at_vec_range`
+  (defined in `torch._inductor.codegen.cpp` on 2.11, imported there from `torch._inductor.sizevars`
+  on 2.13 - 2.14; replaced where the C++ codegen looks it up) runs `sympy.simplify` over every load/store index of every CPU kernel. The engine's
+  token counts after a merge or prune stage are floor-division expressions of the vision length
+  (algorithm.vision_after_stage), so these indices grow large and the simplify dominated CPU
+  lowering (SparseVLM's tiny-qwen3-moe engine: 134 s to compile, 43 s of it here; 81 s and 74 s in
+  two runs with the smaller expression below). Upstream's fix for the same cost, pytorch PR #186319
+  ("Avoid full simplify in vector-range index analysis", issue #133734; it skips the simplify),
+  is in no release 2.11 - 2.14;
+- the decompositions Inductor's own trace applies (`inductor_decompositions`:
+  `torch._inductor.compile_fx.select_decomp_table`), so AOTInductor lowers the routing ops without a
+  second trace of the program;
 - `torch.__version__` as the rest of the package sees it (`torch_version`, `supported`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 
 import torch
 
@@ -80,3 +94,100 @@ def copy_program(program):
     graph_module = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
     graph_module.meta.update(program.graph_module.meta)
     return program._update(graph_module, copy.deepcopy(program.graph_signature))
+
+
+# --- Inductor's C++ vector-stride analysis (pytorch PR #186319, unreleased in 2.11 - 2.14) ------------
+
+_patch_lock = threading.Lock()
+_patch_users: dict = {}  # (module, attribute) -> [users, the original]
+
+
+@contextlib.contextmanager
+def _patched(module, attribute: str, replacement):
+    """Inside, `module.attribute` is `replacement(original)`: installed by the first of any nested or
+    concurrent users, restored by the last (Inductor compiles on whichever thread calls first)."""
+    key = (module.__name__, attribute)
+    with _patch_lock:
+        if key not in _patch_users:
+            original = getattr(module, attribute)
+            _patch_users[key] = [0, original]
+            setattr(module, attribute, replacement(original))
+        _patch_users[key][0] += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_users[key][0] -= 1
+            if _patch_users[key][0] == 0:
+                setattr(module, attribute, _patch_users.pop(key)[1])
+
+
+def _opaque_var_free_calls(index, var):
+    """`index` with every function application that does not contain `var` (a FloorDiv of sizes, a
+    ModularIndexing of an indirect load, ...) replaced by a fresh integer symbol, and the map back."""
+    import sympy
+
+    names: dict = {}
+
+    def visit(expr):
+        if expr.is_Atom or not expr.args:
+            return expr
+        if isinstance(expr, sympy.Function) and var not in expr.free_symbols:
+            if expr not in names:
+                names[expr] = sympy.Symbol(f"{var}_opaque{len(names)}", integer=True)
+            return names[expr]
+        args = [visit(a) for a in expr.args]
+        return expr.func(*args) if any(n is not a for n, a in zip(args, expr.args)) else expr
+
+    return visit(index), {symbol: expr for expr, symbol in names.items()}
+
+
+def fast_stride_at_vec_range(original):
+    """Inductor's `stride_at_vec_range(index, var, vec_length)` (the change in `index` when `var` steps by
+    one inside a vector of `vec_length` lanes: a sympy expression), computed by `original` on a smaller
+    expression: additive terms without `var` are dropped (they cannot change the stride) and
+    var-free function applications become opaque symbols (they are lane-uniform: the analysis never
+    looks inside them), mapped back in the result. Gives the same stride, term for term, on the
+    expressions the suite checks (tests/test_torch_compat.py), in a fraction of the time."""
+    import sympy
+
+    @functools.lru_cache
+    def stride(index, var, vec_length=None):
+        small = index
+        if isinstance(index, sympy.Add):
+            var_free, with_var = index.as_independent(var, as_Add=True)
+            if var_free != 0:
+                small = with_var
+        small, back = _opaque_var_free_calls(small, var)
+        result = original(small, var, vec_length)
+        return result.xreplace(back) if back else result
+
+    stride.original = original
+    return stride
+
+
+@contextlib.contextmanager
+def fast_cpp_stride_analysis():
+    """Inside, Inductor's C++ codegen computes vector strides with fast_stride_at_vec_range (nested
+    and thread-safe). lower.inductor holds it around every Inductor compile (AOTInductor packages,
+    torch.compile calls)."""
+    from torch._inductor.codegen import cpp
+
+    with _patched(cpp, "stride_at_vec_range", fast_stride_at_vec_range):
+        yield
+
+
+@contextlib.contextmanager
+def inductor_decompositions(table: dict):
+    """Inside, Inductor's own trace (AOT autograd, `torch._inductor.compile_fx.select_decomp_table`,
+    looked up at call time on 2.11 - 2.14) also applies the decompositions in `table` (op -> function).
+    This lets AOTInductor lower the routing ops in its one trace of the program, where
+    `ExportedProgram.run_decompositions` first would trace it a second time (tiny-qwen3-moe's
+    Top-Kv + merge backbone: 28.0 s to package before, 24.3 s after, with the same ops left as calls)."""
+    from torch._inductor import compile_fx
+
+    def with_table(select):
+        return lambda: {**select(), **table}
+
+    with _patched(compile_fx, "select_decomp_table", with_table):
+        yield

@@ -143,3 +143,111 @@ def test_cuda_preflight_refuses_a_cpu_only_torch_in_one_line():
                           text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "CPU-only build" in proc.stderr
+
+
+def _vision_after_two_stages(n):
+    from fastmmoe_compile.algorithm import ratio_units, vision_after_stage
+
+    return vision_after_stage(vision_after_stage(n, ratio_units(0.5)), ratio_units(0.25))
+
+
+def _stride_decisions(stride):
+    """What Inductor's C++ codegen reads from a vector stride (codegen/cpp.py's callers of
+    stride_at_vec_range): its value when it is a number (0, 1, a constant stride); otherwise which
+    loop variables it still has (need_vec_transpose) and whether it is all size symbols
+    (TilingSelect: a constant non-unit stride). Mathematically equal strides in a different sympy
+    form make the same decisions."""
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    if stride.is_number:
+        return ("number", stride)
+    loop_vars = sorted(str(s) for s in stride.free_symbols if str(s)[0] in "xd" and str(s)[1:].isdigit())
+    return ("expr", loop_vars, all(symbol_is_type(s, SymT.SIZE) for s in stride.free_symbols))
+
+
+def test_fast_stride_equals_inductors_on_stage_count_indices():
+    """fast_stride_at_vec_range against Inductor's own analysis on the index shapes that made it slow: two
+    stages' token counts (algorithm.vision_after_stage, nested) as divisors and coefficients, a var-free
+    ModularIndexing of an indirect load, and lane-varying FloorDiv/ModularIndexing terms it must keep."""
+    import sympy
+    from torch._inductor.codegen import cpp
+    from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+    from fastmmoe_compile.torch_compat import fast_cpp_stride_analysis, fast_stride_at_vec_range
+
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()  # sizes as export and Inductor see them: SymInts whose // is FloorDiv
+    s0, s1 = (env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+              for name, hint in (("S", 48), ("N", 37)))
+    kept = (s0 - s1 + _vision_after_two_stages(s1)).node.expr
+    s0, s1 = s0.node.expr, s1.node.expr
+    assert str(kept).count("//") >= 6, kept
+    x0, x1, tmp0 = sympy.symbols("x0 x1 tmp0", integer=True, nonnegative=True)
+    indices = [
+        64 * s0 * FloorDiv(x0, kept) + x1 + 64 * FloorDiv(s1, 2) * FloorDiv(x0, kept),
+        x1 + 64 * ModularIndexing(tmp0, 4, s0 * kept) + 16 * kept * x0,
+        4 * ModularIndexing(x1, 1, 16 * kept) + FloorDiv(x1, 16) + s0 * kept,
+        FloorDiv(x1, 32) * kept + ModularIndexing(x1, 16, 4) + x0 * s0 * s1,
+        s0 * s1 * x0 + s0 * x1 + 3,
+        kept * 7,
+    ]
+    original = cpp.stride_at_vec_range
+    fast = fast_stride_at_vec_range(original)
+    compared = 0
+    for index in indices:
+        for var in (x0, x1):
+            for vec_length in (None, 16):
+                assert (_stride_decisions(fast(index, var, vec_length))
+                        == _stride_decisions(original(index, var, vec_length))), (index, var)
+                compared += 1
+    assert compared == 24
+    with fast_cpp_stride_analysis():
+        assert cpp.stride_at_vec_range.original is original
+        with fast_cpp_stride_analysis():  # nested: still the fast one, restored only by the outer exit
+            pass
+        assert cpp.stride_at_vec_range is not original
+    assert cpp.stride_at_vec_range is original
+
+
+def test_fast_stride_equals_inductors_in_a_dynamic_cpu_compile():
+    """Every stride Inductor's C++ codegen asks for while compiling a dynamic-shape function whose sizes
+    are a stage's token count (narrow to vision_after_stage, transpose, flatten, gather): the fast
+    analysis gives the original's answer for each, and the compiled function matches eager."""
+    from torch._inductor.codegen import cpp
+
+    from fastmmoe_compile.algorithm import ratio_units, vision_after_stage
+    from fastmmoe_compile.torch_compat import fast_cpp_stride_analysis
+
+    def f(x, idx):
+        kept = x.narrow(1, 0, vision_after_stage(x.shape[1], ratio_units(0.5)))
+        return (kept.transpose(1, 2).contiguous() * 2, kept.reshape(kept.shape[0], -1)[:, 3:].sum(-1),
+                x.index_select(1, idx))
+
+    calls = []
+    with fast_cpp_stride_analysis():
+        fast = cpp.stride_at_vec_range
+
+        def spy(index, var, vec_length=None):
+            calls.append((index, var, vec_length))
+            return fast(index, var, vec_length)
+
+        cpp.stride_at_vec_range = spy
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(f, dynamic=True, backend="inductor")
+            x, idx = torch.randn(2, 37, 16), torch.tensor([0, 5, 36])
+            with torch._inductor.config.patch(force_disable_caches=True):  # codegen runs, not a cache hit
+                out = compiled(x, idx)
+        finally:
+            cpp.stride_at_vec_range = fast
+    torch.testing.assert_close(out, f(x, idx))
+    assert len(calls) >= 10, calls
+    assert any(str(index).count("//") >= 3 for index, _, _ in calls), calls  # the stage counts reached codegen
+    same = 0
+    for index, var, vec_length in calls:
+        mine, inductors = fast(index, var, vec_length), fast.original(index, var, vec_length)
+        assert _stride_decisions(mine) == _stride_decisions(inductors), (index, var, mine, inductors)
+        same += mine == inductors
+    assert same >= len(calls) // 2, (same, len(calls))  # most are the same expression, term for term
