@@ -30,7 +30,6 @@ def compile_in_process(program: ExportedProgram):
         with fast_cpp_stride_analysis():
             return compiled(*args, **kwargs)
 
-    backbone.compiled = compiled
     return backbone
 
 
