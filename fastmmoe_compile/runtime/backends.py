@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .. import torch_compat
 from .manifest import EngineFormatError
 
 Weights = Mapping[str, torch.Tensor]
@@ -122,7 +123,8 @@ def _aoti(file: Path, role: str, weights: Weights | None):
 
 
 def _exported(file: Path, role: str, weights: Weights | None):
-    program = torch.export.load(str(file))
+    with torch_compat.fast_export_load():
+        program = torch.export.load(str(file))
     if weights is not None:  # the archive holds stride-0 placeholders (lower/weights.py)
         params = set(program.graph_signature.parameters)
         for name, t in _needed(file, program.state_dict, weights).items():
