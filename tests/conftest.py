@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .compile_cache import fastmmoe_test_cache
+from .compile_cache import export_cache, fastmmoe_test_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
@@ -70,6 +70,12 @@ def pytest_collection_modifyitems(config, items):
 COMPILE_CACHE = Path(__file__).resolve().parent / "compile_cache"  # on the README commands' PYTHONPATH
 fastmmoe_test_cache.install()  # before the test modules import anything from lower (a pass-through until ENV is set)
 
+# This process's export cache (tests/compile_cache/export_cache.py): a model exported again, unchanged
+# (same modules, weights, versions, configs, arguments), gets a copy of the earlier program instead of
+# a new trace; the engines built from it are what they were. Off for a test that takes pytest's
+# monkeypatch (itself or through a fixture): what it patches could change what a trace makes.
+export_cache.install()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def aoti_compile_cache(tmp_path_factory):
@@ -101,6 +107,7 @@ def _count_onnx_exports():
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_setup(item):
     _count_onnx_exports()
+    export_cache.enabled = "monkeypatch" not in item.fixturenames
     item.stash[_BUILDS] = (fastmmoe_test_cache.CALLS, _ONNX_EXPORTS[0])  # before any fixture is set up
     yield
 
