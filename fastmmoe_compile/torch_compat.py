@@ -253,7 +253,8 @@ class _CachedSympify:
     """The `sympy` module as torch's serde sees it, with `sympify` of a size expression remembered:
     every tensor's sizes and strides are stored as expression strings ("s59*s70", "s70 + 1"), parsed
     again for each node. A parse depends only on the string and what its identifiers name in `locals`
-    (the program's symbols, sympy functions), so both are the key; sympy expressions are immutable,
+    (the program's symbols, sympy functions), and on sympy's evaluate/distribute flags, so all of these
+    are the key; sympy expressions are immutable,
     so sharing one result is safe."""
 
     def __init__(self, sympy_module):
@@ -273,7 +274,9 @@ class _CachedSympify:
             _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
         names = dict.fromkeys(_IDENTIFIER.findall(a))
         try:
-            key = (a, tuple((n, (locals or {}).get(n)) for n in names), tuple(sorted(kwargs.items())))
+            flags = self._sympy.core.parameters.global_parameters  # per-thread defaults of evaluate=, distribute
+            key = (a, tuple((n, (locals or {}).get(n)) for n in names), tuple(sorted(kwargs.items())),
+                   flags.evaluate, flags.distribute)
             hit = self._parsed.get(key)
         except TypeError:  # an unhashable value in locals or kwargs: parse as sympy would
             return self._sympy.sympify(a, locals=locals, **kwargs)

@@ -11,8 +11,11 @@ what the cache saves is only the trace.
 The key is the model as torch.export sees it: the module objects (lm, family, vision model), every
 parameter and buffer's storage, version counter (an in-place write bumps it), dtype, shape and
 device, each config (all fields, the attention implementation too), the training flag, the
-arguments. A model changed in any of these is traced afresh; a trace under an active dispatch mode
-(fake weights under a FakeTensorMode) is never cached. The copy a caller gets has its own
+arguments, a replaced forward and the hook counts of every submodule, torch's default dtype. A model
+changed in any of these is traced afresh; a trace under an active dispatch mode (fake weights under a
+FakeTensorMode) is never cached. The copies share the export's ShapeEnv: copy_program puts its guards
+back, and a hit whose ShapeEnv has learnt anything else about the export's own symbols since (ranges,
+replacements, axioms, divisibility, runtime asserts: `_shape_facts`) is traced afresh instead. The copy a caller gets has its own
 graph, signature, node meta dicts and state_dict/constants dicts (the tensors in them are the
 model's own, as a fresh export's are), so a caller that rewrites it leaves the cached one as it was.
 
@@ -25,6 +28,8 @@ import functools
 import os
 import threading
 import time
+
+import torch
 
 ENV = "FASTMMOE_TEST_EXPORT_CACHE"
 LOG_ENV = "FASTMMOE_TEST_EXPORT_CACHE_LOG"
@@ -39,7 +44,9 @@ def _state(module) -> tuple:
     if module is None:
         return ()
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    return (module.training, tuple((n, t.untyped_storage().data_ptr() if t.device.type != "meta" else 0,
+    hooks = tuple((name, "forward" in m.__dict__, len(m._forward_hooks), len(m._forward_pre_hooks))
+                  for name, m in module.named_modules())  # a replaced forward or a hook changes the trace
+    return (module.training, hooks, tuple((n, t.untyped_storage().data_ptr() if t.device.type != "meta" else 0,
                                      t._version, t.dtype, tuple(t.shape), str(t.device), t.requires_grad)
                                     for n, t in tensors))
 
@@ -61,8 +68,24 @@ def _key(loaded, args, kwargs):
     modules = (loaded.lm, loaded.family, vision_model)
     key = (tuple(id(m) for m in modules), _state(loaded.lm), _state(vision_model),
            _config_state(loaded.lm.config), _config_state(getattr(vision_model, "config", None)),
-           repr(args), repr(sorted(kwargs.items())))
+           repr(args), repr(sorted(kwargs.items())), torch.get_default_dtype())
     return key, modules
+
+
+def _shape_facts(program):
+    """What later users of the shared ShapeEnv could change and a later trace's passes would see: the
+    ranges and replacements of the export's own (backed) symbols, axioms, divisibility facts, deferred
+    runtime asserts. torch_compat.copy_program puts the guards back; these it does not."""
+    from fastmmoe_compile.torch_compat import _shape_env
+
+    env = _shape_env(program)
+    if env is None:
+        return None
+    backed = set(getattr(env, "backed_var_to_val", None) or env.var_to_val)  # named var_to_val before 2.13
+    return (sorted((str(k), str(v)) for k, v in env.var_to_range.items() if k in backed),
+            sorted((str(k), str(v)) for k, v in env.replacements.items() if k in backed),
+            sorted(map(str, env.axioms)), sorted(map(str, env.divisible)),
+            sorted((str(k), len(v)) for k, v in env.deferred_runtime_asserts.items() if k in backed or k is None))
 
 
 def _under_a_mode() -> bool:
@@ -109,6 +132,9 @@ def cached(export):
         key = (export.__name__, *key)
         with _lock:
             hit = _programs.get(key)
+        if hit is not None and _shape_facts(hit[1]) != hit[2]:
+            hit = None  # an earlier user's passes taught the shared ShapeEnv something: trace afresh
+            _log(export.__name__, "stale", 0.0)
         if hit is not None:
             HITS += 1
             program = copy_of(hit[1])
@@ -116,7 +142,7 @@ def cached(export):
             return program
         program = export(loaded, *args, **kwargs)
         with _lock:
-            _programs[key] = (modules, program)
+            _programs[key] = (modules, program, _shape_facts(program))
         MISSES += 1
         _log(export.__name__, "miss", time.time() - start)
         return copy_of(program)
