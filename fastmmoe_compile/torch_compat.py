@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
 
 import torch
@@ -246,7 +247,7 @@ class _CachedTypeHints:
         return hints
 
 
-_IDENTIFIER = None
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")  # a name in a size expression: s59, FloorDiv
 
 
 class _CachedSympify:
@@ -254,8 +255,7 @@ class _CachedSympify:
     every tensor's sizes and strides are stored as expression strings ("s59*s70", "s70 + 1"), parsed
     again for each node. A parse depends only on the string and what its identifiers name in `locals`
     (the program's symbols, sympy functions), and on sympy's evaluate/distribute flags, so all of these
-    are the key; sympy expressions are immutable,
-    so sharing one result is safe."""
+    are the key; sympy expressions are immutable, so sharing one result is safe."""
 
     def __init__(self, sympy_module):
         self._sympy = sympy_module
@@ -265,13 +265,8 @@ class _CachedSympify:
         return getattr(self._sympy, name)
 
     def sympify(self, a, *args, locals=None, **kwargs):  # noqa: A002 - sympy's own parameter name
-        global _IDENTIFIER
         if not isinstance(a, str) or args:
             return self._sympy.sympify(a, *args, locals=locals, **kwargs)
-        if _IDENTIFIER is None:
-            import re
-
-            _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
         names = dict.fromkeys(_IDENTIFIER.findall(a))
         try:
             flags = self._sympy.core.parameters.global_parameters  # per-thread defaults of evaluate=, distribute
